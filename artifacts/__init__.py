@@ -1,0 +1,1 @@
+"""Figures, tables and markdown made from results; the one place that publishes Prefect artifacts."""

@@ -1,0 +1,109 @@
+"""The lab's write-up as markdown, with conclusions drawn from the run's own numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+FIGURES = {
+    "samples": "samples.png",
+    "variance": "explained_variance.png",
+    "loss": "loss_curve.png",
+    "log_prob": "log_prob_histogram.png",
+    "interpolation": "interpolation.png",
+}
+
+FIGURE_CAPTIONS = {
+    "samples": "Generated faces",
+    "variance": "Cumulative explained variance of the PCA",
+    "loss": "Training loss and validation log-likelihood",
+    "log_prob": "log p of real and generated faces",
+    "interpolation": "Interpolation between two people",
+}
+
+
+def format_nats(value: float) -> str:
+    return "-inf" if value == -math.inf else ("nan" if math.isnan(value) else f"{value:.2f}")
+
+
+def comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.DataFrame:
+    """The flow beside each baseline: held-out log p, bits/dim, training seconds."""
+    flow_row = {
+        "method": "faceflow RealNVP",
+        "heldout_log_prob": metrics["heldout_log_prob"],
+        "bits_per_dim": metrics["heldout_bits_per_dim"],
+        "train_seconds": metrics["train_seconds"],
+        "detail": f"best epoch {int(metrics['best_epoch'])} of {int(metrics['epochs'])}",
+    }
+    return pd.concat([pd.DataFrame([flow_row]), baselines], ignore_index=True)
+
+
+def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]:
+    """Sentences that follow from this run's numbers, whatever they turn out to be."""
+    flow = metrics["heldout_log_prob"]
+    lines = [
+        f"The flow assigns held-out faces a mean log p of {format_nats(flow)} nats "
+        f"({metrics['heldout_bits_per_dim']:.3f} bits/dim) in {int(metrics['n_components'])} PCA dimensions."
+    ]
+    for row in baselines.itertuples():
+        gap = flow - row.heldout_log_prob
+        verdict = "beats" if gap > 0 else "does not beat"
+        lines.append(
+            f"It {verdict} the {row.method} ({format_nats(row.heldout_log_prob)}) by {format_nats(abs(gap))} nats per face."
+            if math.isfinite(gap)
+            else f"The comparison with the {row.method} is undefined: a log p is not finite."
+        )
+    if metrics["heldout_nonfinite"]:
+        lines.append(f"{int(metrics['heldout_nonfinite'])} held-out faces have a non-finite log p.")
+    ratio = metrics["sample_nearest_distance_median"] / metrics["heldout_nearest_distance_median"]
+    share = metrics["samples_closer_than_any_heldout"]
+    if share >= 0.5:
+        memorised = f"{share:.0%} of samples are closer to a training face than any held-out face is: they look memorised."
+    else:
+        memorised = (
+            f"{share:.0%} of samples are closer to a training face than any held-out face is, "
+            "so the samples are not copies of training faces."
+        )
+    lines.append(
+        f"Samples lie at a median RMS pixel distance of {metrics['sample_nearest_distance_median']:.3f} from their "
+        f"nearest training face, {ratio:.2f}x the held-out faces' {metrics['heldout_nearest_distance_median']:.3f}. "
+        + memorised
+    )
+    if metrics["nonfinite_steps"]:
+        lines.append(f"{int(metrics['nonfinite_steps'])} optimisation steps had a non-finite loss and were skipped.")
+    return lines
+
+
+def report_markdown(
+    metrics: dict[str, float],
+    comparison: pd.DataFrame,
+    findings: list[str],
+    image_links: dict[str, str],
+    run_name: str,
+) -> str:
+    """The full report; ``image_links`` maps figure name to a file name or a data URI."""
+    table = markdown_table(comparison)
+    sections = [
+        f"# faceflow report: {run_name}",
+        "Olivetti faces → PCA → RealNVP (normflows). All log-densities are in nats per face, "
+        "in PCA coordinates, on held-out faces the models never saw.",
+        "## Model quality\n\n" + table,
+        f"![{FIGURE_CAPTIONS['samples']}]({image_links['samples']})",
+        f"![{FIGURE_CAPTIONS['interpolation']}]({image_links['interpolation']})",
+        f"![{FIGURE_CAPTIONS['loss']}]({image_links['loss']})",
+        f"![{FIGURE_CAPTIONS['log_prob']}]({image_links['log_prob']})",
+        f"![{FIGURE_CAPTIONS['variance']}]({image_links['variance']})",
+        "## Conclusions\n\n" + "\n".join(f"- {line}" for line in findings),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-style table; floats with two decimals, -inf spelled out."""
+    def cell(value: object) -> str:
+        return format_nats(value) if isinstance(value, float) else str(value)
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])

@@ -1,0 +1,1 @@
+"""faceflow: a Prefect pipeline that learns a generative model of faces."""

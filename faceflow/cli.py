@@ -1,0 +1,144 @@
+"""`faceflow run`: every config field as an option, validated before any work starts."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from faceflow.config import FaceflowConfig
+from faceflow.settings import DATA_FILE_VARIABLE
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
+
+
+def config_fields(model: type[BaseModel] = FaceflowConfig, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path in the config tree, pydantic FieldInfo) for every leaf field."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from config_fields(annotation, prefix + (name,))
+        else:
+            yield prefix + (name,), info
+
+
+def option_name(path: tuple[str, ...]) -> str:
+    return "--" + path[-1].replace("_", "-")
+
+
+def _option_type(annotation: Any) -> Any:
+    """The type typer should parse: Optional[X] -> X; Literal stays (typer renders the choices)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is not Literal and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _help(info: Any) -> str:
+    bounds = []
+    for item in info.metadata:
+        for attribute, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attribute, None) is not None:
+                bounds.append(f"{symbol} {getattr(item, attribute)}")
+    return info.description + (f" [{', '.join(bounds)}]" if bounds else "")
+
+
+def nested(values: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{("train", "epochs"): 3} -> {"train": {"epochs": 3}}."""
+    tree: dict[str, Any] = {}
+    for path, value in values.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the config field, its option and what is allowed."""
+    lines = ["invalid configuration:"]
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"]]
+        field = ".".join(location) or "config"
+        option = f" ({option_name(tuple(location))})" if location else ""
+        lines.append(f"  {field}{option}: {problem['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def build_config(values: dict[tuple[str, ...], Any]) -> FaceflowConfig:
+    """The validated config tree from option values (None = the field's default)."""
+    given = {path: value for path, value in values.items() if value is not None}
+    return FaceflowConfig.model_validate(nested(given))
+
+
+def _run(**options: Any) -> None:
+    as_json = options.pop("json_output")
+    paths = {path[-1]: path for path, _ in config_fields()}
+    try:
+        config = build_config({paths[name]: value for name, value in options.items()})
+    except ValidationError as error:
+        typer.echo(describe_validation_error(error), err=True)
+        raise typer.Exit(code=2)
+    from faceflow.runner import run_pipeline
+
+    try:
+        summary = run_pipeline(config)
+    except Exception as error:  # the flow already logged the traceback
+        typer.echo(f"faceflow run failed: {error}", err=True)
+        raise typer.Exit(code=1)
+    if as_json:
+        typer.echo(json.dumps(summary, allow_nan=False, default=str))
+    else:
+        typer.echo(f"report: {summary['output_dir']}/report.md")
+        typer.echo(f"held-out log p: {summary['metrics']['heldout_log_prob']:.2f} nats per face")
+        for task_name, state in summary["tasks"].items():
+            typer.echo(f"  {task_name:<18} {state}")
+
+
+def _run_signature() -> inspect.Signature:
+    parameters = []
+    for path, info in config_fields():
+        kind = _option_type(info.annotation)
+        default_shown = str(info.default)
+        extra = {"envvar": DATA_FILE_VARIABLE} if path[-1] == "data_file" else {}
+        option = typer.Option(
+            option_name(path), help=_help(info), show_default=default_shown, **extra,
+            rich_help_panel=path[0] if len(path) > 1 else "run",
+        )
+        parameters.append(
+            inspect.Parameter(path[-1], inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option])
+        )
+    json_option = typer.Option("--json", help="Print one JSON object as the last line of stdout.")
+    parameters.append(
+        inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, json_option])
+    )
+    return inspect.Signature(parameters)
+
+
+def run(**options: Any) -> None:
+    """Run the whole pipeline: fetch, PCA, train, sample, score, interpolate, report."""
+    _run(**options)
+
+
+run.__signature__ = _run_signature()  # type: ignore[attr-defined]
+app.command("run")(run)
+
+
+@app.command("show-config")
+def show_config() -> None:
+    """Print the default config tree as JSON (the flow's parameter schema)."""
+    typer.echo(FaceflowConfig().model_dump_json(indent=1))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pipeline steps: plain typed functions (the logic) and thin Prefect task wrappers."""

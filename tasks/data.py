@@ -1,0 +1,160 @@
+"""Fetch the Olivetti faces and split them into fit, validation and held-out parts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.io
+from prefect import task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from faceflow.caching import KEYED_INPUTS, array_digest, content_key
+from faceflow.config import IMAGES_PER_PERSON, N_IMAGES, DataConfig
+from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment
+
+IMAGE_SHAPE = (64, 64)
+
+
+class DataFileError(ValueError):
+    """The given olivettifaces.mat cannot be used."""
+
+
+class DataUnavailableError(ConnectionError):
+    """No local data file and the download failed."""
+
+
+@dataclass(frozen=True)
+class Faces:
+    """The 400 images (float32 in [0, 1]) and person ids, as scikit-learn returns them."""
+
+    key: str
+    images: np.ndarray  # (400, 64, 64) float32
+    target: np.ndarray  # (400,) int, person 0..39
+
+    @property
+    def flat(self) -> np.ndarray:
+        return self.images.reshape(len(self.images), -1)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into the 400 faces: what the models fit on, early-stop on, and are judged on."""
+
+    key: str
+    fit: np.ndarray
+    validation: np.ndarray
+    heldout: np.ndarray
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "train": sorted(int(i) for i in np.concatenate([self.fit, self.validation])),
+                "fit": self.fit.tolist(),
+                "validation": self.validation.tolist(),
+                "heldout": self.heldout.tolist(),
+            },
+            indent=1,
+        )
+
+
+def read_olivetti_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and targets from a local olivettifaces.mat, normalised exactly as scikit-learn does."""
+    try:
+        raw = scipy.io.loadmat(path)["faces"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataFileError(f"cannot read data file {str(path)!r}: {error}") from error
+    if raw.shape != (IMAGE_SHAPE[0] * IMAGE_SHAPE[1], N_IMAGES):
+        raise DataFileError(
+            f"data file {str(path)!r} holds 'faces' of shape {raw.shape}; "
+            f"expected (4096, 400), one 64x64 image per column"
+        )
+    faces = raw.T.astype(np.float32)
+    faces -= faces.min()
+    faces /= faces.max()
+    images = faces.reshape(N_IMAGES, *IMAGE_SHAPE).transpose(0, 2, 1)
+    target = np.repeat(np.arange(N_IMAGES // IMAGES_PER_PERSON), IMAGES_PER_PERSON)
+    return np.ascontiguousarray(images), target
+
+
+def download_olivetti() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's download, which keeps its own on-disk cache."""
+    from sklearn.datasets import fetch_olivetti_faces
+
+    bunch = fetch_olivetti_faces(shuffle=False)
+    return bunch.images.astype(np.float32), bunch.target
+
+
+def load_faces(
+    data_file: Path | None,
+    download: Callable[[], tuple[np.ndarray, np.ndarray]] = download_olivetti,
+) -> Faces:
+    """Faces from ``data_file`` if given, else from ``download``."""
+    if data_file is not None:
+        images, target = read_olivetti_mat(data_file)
+    else:
+        try:
+            images, target = download()
+        except OSError as error:
+            raise DataUnavailableError(
+                f"no data file was given and downloading the Olivetti faces failed ({error}). "
+                f"Provide a local olivettifaces.mat with --data-file PATH or the environment "
+                f"variable {DATA_FILE_VARIABLE}=PATH."
+            ) from error
+    return Faces(key=content_key("faces", array_digest(images), array_digest(target)), images=images, target=target)
+
+
+def resolve_data_file(config: DataConfig) -> Path | None:
+    """The data file a run reads: the config's, else FACEFLOW_DATA_FILE's, else none."""
+    path = config.data_file or data_file_from_environment()
+    if path is not None and not path.is_file():
+        raise DataFileError(f"data file {str(path)!r} does not exist or is not a file")
+    return path
+
+
+def split_indices(target: np.ndarray, config: DataConfig) -> Split:
+    """Per person, a seeded choice of held-out and validation images; the rest is fitted on."""
+    rng = np.random.default_rng(config.split_seed)
+    fit, validation, heldout = [], [], []
+    for person in np.unique(target):
+        order = rng.permutation(np.flatnonzero(target == person))
+        n_held, n_val = config.heldout_per_person, config.validation_per_person
+        heldout.extend(order[:n_held])
+        validation.extend(order[n_held : n_held + n_val])
+        fit.extend(order[n_held + n_val :])
+    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in (fit, validation, heldout)]
+    return Split(content_key("split", *(p.tolist() for p in parts)), *parts)
+
+
+def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
+    """Retry only what a retry can fix: a failed download."""
+    try:
+        state.result()
+    except DataUnavailableError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="fetch_faces",
+    cache_policy=KEYED_INPUTS,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_is_network_failure,
+)
+def fetch_faces(data_file: Path | None) -> Faces:
+    """The 400 Olivetti faces from a local file or scikit-learn's download."""
+    return load_faces(data_file)
+
+
+@task(name="split_faces", cache_policy=KEYED_INPUTS, persist_result=True)
+def split_faces(faces: Faces, config: DataConfig) -> Split:
+    """Seeded held-out / validation / fit split, a fixed number of images per person."""
+    return split_indices(faces.target, config)

@@ -1,0 +1,128 @@
+"""New faces from the flow: samples at a temperature, and latent-space interpolation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import task
+
+from faceflow.caching import KEYED_INPUTS, content_key
+from faceflow.config import InterpolateConfig, SampleConfig
+from tasks.data import IMAGE_SHAPE, Faces, Split
+from tasks.pca import FittedPCA
+from tasks.train import TrainedFlow
+
+
+@dataclass(frozen=True)
+class GeneratedFaces:
+    """Sampled faces, their PCA coordinates and how far each is from any training face."""
+
+    key: str
+    coords: np.ndarray  # (n, d) PCA coordinates
+    images: np.ndarray  # (n, 64, 64) in [0, 1]
+    nearest_train_index: np.ndarray  # (n,) index into the 400 faces
+    nearest_train_distance: np.ndarray  # (n,) RMS pixel distance
+    heldout_nearest_train_distance: np.ndarray  # (n_heldout,) the same, for real unseen faces
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    key: str
+    index_a: int
+    index_b: int
+    method: str
+    weights: np.ndarray  # (steps,) from 0 to 1
+    images: np.ndarray  # (steps, 64, 64)
+
+
+def to_images(pca: FittedPCA, coords: np.ndarray) -> np.ndarray:
+    """PCA coordinates back to 64x64 images, clipped to the pixel range."""
+    pixels = pca.pca.inverse_transform(coords.astype(np.float64))
+    return np.clip(pixels, 0.0, 1.0).reshape(-1, *IMAGE_SHAPE).astype(np.float32)
+
+
+def nearest_rms_distance(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query image, (index into references, RMS pixel distance) of the closest one."""
+    q = queries.reshape(len(queries), -1).astype(np.float64)
+    r = references.reshape(len(references), -1).astype(np.float64)
+    squared = (q**2).sum(1)[:, None] - 2 * q @ r.T + (r**2).sum(1)[None, :]
+    nearest = squared.argmin(1)
+    distance = np.sqrt(np.maximum(squared[np.arange(len(q)), nearest], 0.0) / q.shape[1])
+    return nearest, distance
+
+
+def draw_samples(
+    trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, config: SampleConfig, seed: int
+) -> GeneratedFaces:
+    """Base samples at temperature T -> flow -> inverse PCA; with nearest-training-face distances."""
+    model = trained.model()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model.q0.temperature = config.temperature
+        coords, _ = model.sample(config.n_samples)
+    coords = coords.numpy()
+    images = to_images(pca, coords)
+    train_index = np.concatenate([split.fit, split.validation])
+    nearest, distance = nearest_rms_distance(images, faces.images[train_index])
+    _, heldout_distance = nearest_rms_distance(faces.images[split.heldout], faces.images[train_index])
+    return GeneratedFaces(
+        key=content_key("samples", trained, pca, config, seed),
+        coords=coords,
+        images=images,
+        nearest_train_index=train_index[nearest],
+        nearest_train_distance=distance,
+        heldout_nearest_train_distance=heldout_distance,
+    )
+
+
+def interpolation_weights(steps: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, steps)
+
+
+def interpolate_latent(z_a: np.ndarray, z_b: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
+    """Points between two latent vectors: straight line, or great circle (slerp)."""
+    w = weights[:, None]
+    if method == "linear":
+        return (1 - w) * z_a + w * z_b
+    cos_angle = np.dot(z_a, z_b) / (np.linalg.norm(z_a) * np.linalg.norm(z_b))
+    angle = np.arccos(np.clip(cos_angle, -1.0, 1.0))
+    if angle < 1e-6:  # parallel vectors: slerp degenerates to the straight line
+        return (1 - w) * z_a + w * z_b
+    return (np.sin((1 - w) * angle) * z_a + np.sin(w * angle) * z_b) / np.sin(angle)
+
+
+def interpolate_between(
+    trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig
+) -> Interpolation:
+    """Map two real faces to latent space, walk between them, map back to images."""
+    model = trained.model()
+    endpoints = torch.from_numpy(pca.coords[[config.index_a, config.index_b]])
+    weights = interpolation_weights(config.steps)
+    with torch.no_grad():
+        z = model.inverse(endpoints).numpy().astype(np.float64)
+        path = interpolate_latent(z[0], z[1], weights, config.method)
+        coords = model.forward(torch.from_numpy(path).float()).numpy()
+    return Interpolation(
+        key=content_key("interpolation", trained, pca, config),
+        index_a=config.index_a,
+        index_b=config.index_b,
+        method=config.method,
+        weights=weights,
+        images=to_images(pca, coords),
+    )
+
+
+@task(name="sample_faces", cache_policy=KEYED_INPUTS, persist_result=True)
+def sample_faces(
+    trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, config: SampleConfig, seed: int
+) -> GeneratedFaces:
+    """N new faces at the configured temperature."""
+    return draw_samples(trained, pca, faces, split, config, seed)
+
+
+@task(name="interpolate_faces", cache_policy=KEYED_INPUTS, persist_result=True)
+def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig) -> Interpolation:
+    """A latent-space walk between two real faces of different people."""
+    return interpolate_between(trained, pca, config)

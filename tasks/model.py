@@ -1,0 +1,103 @@
+"""The RealNVP model, built from normflows' blocks, and its self-describing checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import normflows as nf
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "faceflow-realnvp/1"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network before loading its weights."""
+
+    dim: int
+    num_layers: int
+    hidden_units: int
+
+
+def build_realnvp(spec: ModelSpec, mean: np.ndarray, std: np.ndarray) -> nf.NormalizingFlow:
+    """RealNVP in PCA coordinates: split affine couplings alternating halves, ActNorm, Gaussian base.
+
+    normflows orders flows from the base towards the data. The last flow is a frozen affine
+    map from whitened to PCA coordinates, so ``log_prob`` is the density of the PCA
+    coordinates themselves (the whitening's log-determinant is included) while the
+    trainable layers see unit-scale inputs.
+    """
+    half = spec.dim // 2
+    flows: list[nf.flows.Flow] = []
+    for _ in range(spec.num_layers):
+        coupling_net = nf.nets.MLP([half, spec.hidden_units, spec.hidden_units, spec.dim], init_zeros=True)
+        flows += [
+            nf.flows.AffineCouplingBlock(coupling_net, scale_map="exp", split_mode="channel"),
+            nf.flows.Permute(spec.dim, mode="swap"),
+            nf.flows.ActNorm(spec.dim),
+        ]
+    flows.append(_whitening_inverse(mean, std))
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(spec.dim), flows)
+
+
+def _whitening_inverse(mean: np.ndarray, std: np.ndarray) -> nf.flows.AffineConstFlow:
+    """x = w * std + mean, fixed: it carries the data's scale, not something to learn."""
+    layer = nf.flows.AffineConstFlow((len(mean),))
+    with torch.no_grad():
+        layer.s.copy_(torch.as_tensor(np.log(std), dtype=torch.float32)[None])
+        layer.t.copy_(torch.as_tensor(mean, dtype=torch.float32)[None])
+    layer.requires_grad_(False)
+    return layer
+
+
+def trainable_parameters(model: nf.NormalizingFlow) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def checkpoint_payload(model: nf.NormalizingFlow, spec: ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """Weights + the spec and config that built them: enough to rebuild the model alone."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "spec": asdict(spec),
+        "config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary sibling, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
+    """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config)."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a faceflow checkpoint (format {payload.get('format')!r})")
+    spec = ModelSpec(**payload["spec"])
+    ones = np.ones(spec.dim, dtype=np.float32)
+    model = build_realnvp(spec, mean=ones * 0, std=ones)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload["config"]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' means CUDA when present; asking for CUDA without one is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(requested)

@@ -1,0 +1,177 @@
+"""Maximum-likelihood training of the RealNVP, independent of any orchestrator."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import normflows as nf
+import numpy as np
+import torch
+from prefect import task
+from torch.utils.data import DataLoader, TensorDataset
+
+from faceflow.caching import KEYED_INPUTS, content_key
+from faceflow.config import TrainConfig
+from tasks.data import Split
+from tasks.model import ModelSpec, build_realnvp, resolve_device, trainable_parameters
+from tasks.pca import FittedPCA
+
+
+@dataclass(frozen=True)
+class FaceBatches:
+    """The training faces' PCA coordinates as a shuffled, seeded DataLoader."""
+
+    key: str
+    loader: DataLoader
+    validation: torch.Tensor  # PCA coordinates of the validation faces (may be empty)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    epochs: int
+    train_loss: float
+    validation_log_prob: float | None
+    learning_rate: float
+
+
+@dataclass
+class TrainedFlow:
+    """The best weights found, with what built them and how training went."""
+
+    key: str
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    config: dict
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    nonfinite_steps: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def model(self, device: str = "cpu") -> nf.NormalizingFlow:
+        """A fresh model in eval mode carrying the trained weights."""
+        ones = np.ones(self.spec.dim, dtype=np.float32)
+        model = build_realnvp(self.spec, mean=ones * 0, std=ones)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
+    """DataLoader over the fit faces' coordinates: batch size from config, shuffled, seeded."""
+    fit = torch.from_numpy(pca.coords[split.fit])
+    loader = DataLoader(
+        TensorDataset(fit),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    validation = torch.from_numpy(pca.coords[split.validation])
+    return FaceBatches(content_key("batches", pca, split, config.batch_size, seed), loader, validation)
+
+
+def mean_log_prob(model: nf.NormalizingFlow, coords: torch.Tensor) -> float:
+    """Mean log-density in nats; -inf if any face's is not finite."""
+    with torch.no_grad():
+        log_p = model.log_prob(coords)
+    return float(log_p.mean()) if bool(torch.isfinite(log_p).all()) else -math.inf
+
+
+def train_flow(
+    batches: FaceBatches,
+    config: TrainConfig,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+) -> TrainedFlow:
+    """Fit by maximum likelihood; keep the weights with the best validation log p.
+
+    The loop reads the DataLoader's tensor and generator once and slices shuffled batches
+    itself: per-item collation would cost more than the small networks' compute.
+    """
+    device = resolve_device(config.device)
+    data = batches.loader.dataset.tensors[0].to(device)
+    validation = batches.validation.to(device)
+    generator = batches.loader.generator
+    mean, std = data.mean(0), data.std(0)
+    spec = ModelSpec(dim=data.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
+
+    torch.manual_seed(seed)
+    model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    noise_scale = config.input_noise * std
+
+    best_state, best_score, best_epoch = None, -math.inf, 0
+    history: list[EpochStats] = []
+    nonfinite = steps = 0
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(data), generator=generator).to(device)
+        epoch_loss, finite_batches = 0.0, 0
+        for start in range(0, len(data), config.batch_size):
+            batch = data[order[start : start + config.batch_size]]
+            batch = batch + noise_scale * torch.randn_like(batch)
+            loss = -model.log_prob(batch).mean()
+            steps += 1
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += loss.item()
+            finite_batches += 1
+        model.eval()
+        validation_score = mean_log_prob(model, validation) if len(validation) else None
+        stats = EpochStats(
+            epoch=epoch,
+            epochs=config.epochs,
+            train_loss=epoch_loss / finite_batches if finite_batches else math.nan,
+            validation_log_prob=validation_score,
+            learning_rate=scheduler.get_last_lr()[0],
+        )
+        history.append(stats)
+        on_epoch(stats)
+        score = validation_score if validation_score is not None else float(epoch)
+        if score > best_score or best_state is None:
+            best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), score, epoch
+
+    return TrainedFlow(
+        key="",
+        spec=spec,
+        state_dict={k: v.cpu() for k, v in best_state.items()},
+        config=config.model_dump(mode="json") | {"seed": seed},
+        history=history,
+        best_epoch=best_epoch,
+        nonfinite_steps=nonfinite,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@task(name="build_dataloader", cache_policy=KEYED_INPUTS, persist_result=True)
+def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
+    """Shuffled, seeded batches of the fit faces' PCA coordinates."""
+    return make_batches(pca, split, config, seed)
+
+
+@task(name="train_realnvp", cache_policy=KEYED_INPUTS, persist_result=True)
+def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int) -> TrainedFlow:
+    """RealNVP by maximum likelihood, with a terminal progress bar and a Prefect progress artifact."""
+    from artifacts.progress import TrainingProgress
+
+    with TrainingProgress(config.epochs) as progress:
+        trained = train_flow(batches, config, seed, on_epoch=progress.update)
+    return dataclasses.replace(trained, key=content_key("trained", batches, config, seed))
