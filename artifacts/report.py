@@ -48,7 +48,7 @@ def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]
     ]
     for row in baselines.itertuples():
         gap = flow - row.heldout_log_prob
-        verdict = "beats" if gap > 0 else "does not beat"
+        verdict = "beats" if gap > 0 else "falls short of"
         lines.append(
             f"It {verdict} the {row.method} ({format_nats(row.heldout_log_prob)}) by {format_nats(abs(gap))} nats per face."
             if math.isfinite(gap)

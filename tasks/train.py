@@ -97,15 +97,19 @@ def train_flow(
     data = batches.loader.dataset.tensors[0].to(device)
     validation = batches.validation.to(device)
     generator = batches.loader.generator
-    mean, std = data.mean(0), data.std(0)
+    batch_size = batches.loader.batch_size
+    clean = data[torch.isfinite(data).all(1)]
+    mean, std = clean.mean(0), clean.std(0)
     spec = ModelSpec(dim=data.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
 
     torch.manual_seed(seed)
     model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
+    with torch.no_grad():  # ActNorm's data-dependent init on all clean faces, not one random batch
+        model.log_prob(clean)
     optimizer = torch.optim.AdamW(
         trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     noise_scale = config.input_noise * std
 
@@ -117,8 +121,8 @@ def train_flow(
         model.train()
         order = torch.randperm(len(data), generator=generator).to(device)
         epoch_loss, finite_batches = 0.0, 0
-        for start in range(0, len(data), config.batch_size):
-            batch = data[order[start : start + config.batch_size]]
+        for start in range(0, len(data), batch_size):
+            batch = data[order[start : start + batch_size]]
             batch = batch + noise_scale * torch.randn_like(batch)
             loss = -model.log_prob(batch).mean()
             steps += 1

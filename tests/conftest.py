@@ -1,0 +1,34 @@
+"""Test session set-up: a private PREFECT_HOME, no telemetry, the real data file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: this session's database and result cache are its own.
+_SESSION_HOME = tempfile.mkdtemp(prefix="faceflow-test-prefect-")
+os.environ["PREFECT_HOME"] = _SESSION_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "olivettifaces.mat"
+
+
+@pytest.fixture(scope="session")
+def data_file() -> Path:
+    """The real olivettifaces.mat: FACEFLOW_DATA_FILE, else ../shared/data/."""
+    path = Path(os.environ.get("FACEFLOW_DATA_FILE") or SHARED_DATA)
+    if not path.is_file():
+        pytest.fail(f"the Olivetti data file is missing at {path}; set FACEFLOW_DATA_FILE")
+    return path
+
+
+@pytest.fixture(scope="session")
+def faces(data_file: Path):
+    from tasks.data import load_faces
+
+    return load_faces(data_file)

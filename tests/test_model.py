@@ -1,0 +1,71 @@
+"""Flow invariants as normflows tests them, for the model faceflow builds, and its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.model import ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
+
+DIM = 8
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_realnvp(ModelSpec(dim=DIM, num_layers=3, hidden_units=16), np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM))
+    # Random last-layer weights so the couplings are not the identity they start as.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.log_prob(torch.randn(32, DIM))  # runs ActNorm's data-dependent initialisation
+    return model.eval()
+
+
+def test_inverse_of_forward_is_identity() -> None:
+    model = _model()
+    z = torch.randn(16, DIM)
+    with torch.no_grad():
+        x, log_det_forward = model.forward_and_log_det(z)
+        z_back, log_det_inverse = model.inverse_and_log_det(x)
+    torch.testing.assert_close(z_back, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_det_forward + log_det_inverse, torch.zeros(16), atol=1e-4, rtol=0)
+    assert x.shape == z.shape and x.dtype == torch.float32
+
+
+def test_log_prob_is_normalised_change_of_variables() -> None:
+    model = _model()
+    x = torch.randn(10, DIM)
+    with torch.no_grad():
+        z, log_det = model.inverse_and_log_det(x)
+        expected = model.q0.log_prob(z) + log_det
+        torch.testing.assert_close(model.log_prob(x), expected)
+
+
+def test_whitening_is_frozen_and_its_scale_enters_log_prob() -> None:
+    model = _model()
+    whitening = model.flows[-1]
+    assert not any(p.requires_grad for p in whitening.parameters())
+    torch.testing.assert_close(whitening.s.exp().squeeze(), torch.linspace(0.5, 2, DIM, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = _model()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_payload(model, ModelSpec(DIM, 3, 16), {"epochs": 7}))
+    restored, config = load_checkpoint(path)
+    x = torch.randn(5, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.log_prob(x), model.log_prob(x))
+    assert config == {"epochs": 7}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="weights.pt.*not a faceflow checkpoint"):
+        load_checkpoint(path)

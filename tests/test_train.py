@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from faceflow.config import TrainConfig
+from tasks.train import FaceBatches, train_flow
+
+
+def _batches(data: np.ndarray, validation: np.ndarray, batch_size: int = 16) -> FaceBatches:
+    loader = DataLoader(TensorDataset(torch.from_numpy(data)), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    return FaceBatches("test", loader, torch.from_numpy(validation))
+
+
+def _correlated(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 4))
+    return np.concatenate([base, base**2 + 0.1 * rng.normal(size=(n, 4))], axis=1).astype(np.float32)
+
+
+SMALL = TrainConfig(epochs=30, num_layers=2, hidden_units=32, input_noise=0.0, weight_decay=0.0, learning_rate=3e-3, device="cpu")
+
+
+def test_training_improves_validation_log_prob_and_keeps_the_best() -> None:
+    trained = train_flow(_batches(_correlated(128, 0), _correlated(64, 1)), SMALL, seed=0)
+    scores = [epoch.validation_log_prob for epoch in trained.history]
+    assert len(trained.history) == 30 and trained.steps == 30 * 8
+    assert max(scores) > scores[0] + 0.5
+    assert trained.best_epoch == int(np.argmax(scores)) + 1
+    model = trained.model()
+    with torch.no_grad():
+        kept = model.log_prob(torch.from_numpy(_correlated(64, 1))).mean().item()
+    assert kept == pytest.approx(max(scores), abs=1e-3)
+
+
+def test_training_is_reproducible_for_a_seed() -> None:
+    first = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), SMALL.model_copy(update={"epochs": 3}), seed=5)
+    second = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), SMALL.model_copy(update={"epochs": 3}), seed=5)
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+
+
+def test_non_finite_losses_are_skipped_and_counted() -> None:
+    data = _correlated(64, 0)
+    data[7] = np.nan  # one poisoned face: every epoch exactly one batch has a NaN loss
+    trained = train_flow(_batches(data, _correlated(16, 1)), SMALL.model_copy(update={"epochs": 4}), seed=0)
+    assert trained.nonfinite_steps == 4
+    assert all(torch.isfinite(v).all() for v in trained.state_dict.values() if v.is_floating_point())
+    assert all(math.isfinite(h.train_loss) for h in trained.history)
