@@ -32,3 +32,12 @@ def faces(data_file: Path):
     from tasks.data import load_faces
 
     return load_faces(data_file)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_compute_thread():
+    """As the pipeline does: small models on a shared 2-core machine run best on one thread."""
+    from faceflow.threads import limited_threads
+
+    with limited_threads(1):
+        yield

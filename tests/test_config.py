@@ -1,0 +1,81 @@
+"""Bad input is refused before any work starts, naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from faceflow.cli import config_fields, option_name
+from faceflow.config import FaceflowConfig
+
+BAD_VALUES = [
+    ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
+    ({"pca": {"variance": 0.0}}, "pca.variance", "greater than 0"),
+    ({"pca": {"variance": 1.5}}, "pca.variance", "less than or equal to 1"),
+    ({"train": {"batch_size": 0}}, "train.batch_size", "greater than or equal to 1"),
+    ({"pca": {"n_components": 500}}, "pca.n_components", "at most 280"),
+    ({"interpolate": {"index_a": 3, "index_b": 7}}, "same person", "different people"),
+    ({"interpolate": {"index_b": 400}}, "interpolate.index_b", "less than 400"),
+    ({"sample": {"temperature": 0.0}}, "sample.temperature", "greater than 0"),
+    ({"sample": {"temperature": 1.5}}, "sample.temperature", "less than or equal to 1"),
+    ({"data": {"heldout_per_person": 8, "validation_per_person": 2}}, "data", "at least 1 of 10"),
+    ({"data": {"split_seed": 1.5}}, "data.split_seed", "integer"),
+]
+
+
+@pytest.mark.parametrize(("values", "field", "allowed"), BAD_VALUES)
+def test_bad_values_are_rejected_with_field_and_range(values: dict, field: str, allowed: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        FaceflowConfig.model_validate(values)
+    message = str(caught.value)
+    location = ".".join(str(p) for p in caught.value.errors()[0]["loc"])
+    assert field == location or field in message or (field == "same person" and "both person" in message)
+    assert allowed in message
+
+
+def test_missing_data_file_is_rejected_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="absent.mat"):
+        FaceflowConfig.model_validate({"data": {"data_file": str(tmp_path / "absent.mat")}})
+
+
+def test_every_field_has_a_unique_option_and_a_description() -> None:
+    names = [option_name(path) for path, _ in config_fields()]
+    assert len(names) == len(set(names))
+    assert {"--epochs", "--batch-size", "--seed", "--data-file", "--output-dir"} <= set(names)
+    assert all(info.description for _, info in config_fields())
+
+
+def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "faceflow.cli", *arguments], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env=os.environ | {"COLUMNS": "200"},
+    )
+
+
+def test_cli_help_lists_every_option_with_defaults(tmp_path: Path) -> None:
+    result = _cli("run", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for path, info in config_fields():
+        assert option_name(path) in result.stdout
+    assert "default: (150)" in result.stdout  # epochs
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--epochs", "0"], "train.epochs (--epochs): Input should be greater than or equal to 1"),
+        (["--variance", "1.5"], "pca.variance (--variance): Input should be less than or equal to 1"),
+        (["--index-a", "0", "--index-b", "5"], "different people"),
+    ],
+)
+def test_cli_rejects_bad_input_before_any_work(tmp_path: Path, arguments: list[str], expected: str) -> None:
+    output = tmp_path / "out"
+    result = _cli("run", "--output-dir", str(output), *arguments, cwd=tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert not output.exists()

@@ -1,0 +1,138 @@
+"""The real flow on the real data, against a real Prefect server: outputs, artifacts, caching."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from uuid import UUID
+
+import joblib
+import numpy as np
+import pytest
+import torch
+
+from prefect_server import prefect_server
+from tasks.model import load_checkpoint
+
+ALL_TASKS = {
+    "fetch_faces", "split_faces", "fit_pca", "build_dataloader", "train_realnvp",
+    "fit_baselines", "sample_faces", "score_log_prob", "interpolate_faces", "report",
+}
+DOWNSTREAM_OF_SAMPLES = {"sample_faces", "score_log_prob", "report"}
+RUN_FILES = {
+    "report.md", "samples.png", "explained_variance.png", "loss_curve.png", "log_prob_histogram.png",
+    "interpolation.png", "metrics.json", "config.json", "split.json", "scores.csv",
+    "training_history.csv", "pca.joblib", "model.pt",
+}
+QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api_url:
+        yield api_url
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def faceflow_run(server: str, workdir: Path, data_file: Path, *arguments: str) -> dict:
+    env = os.environ | {"PREFECT_API_URL": server, "FACEFLOW_DATA_FILE": str(data_file)}
+    result = subprocess.run(
+        [sys.executable, "-m", "faceflow.cli", "run", "--json", "--output-dir", str(workdir / "outputs"), *arguments],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def artifacts_of(server: str, flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+    return {artifact.key: artifact for artifact in found}
+
+
+@pytest.fixture(scope="module")
+def first_run(server: str, workdir: Path, data_file: Path) -> dict:
+    return faceflow_run(server, workdir, data_file, *QUICK)
+
+
+def test_first_run_completes_every_task(first_run: dict) -> None:
+    assert first_run["tasks"] == {name: "Completed" for name in ALL_TASKS}
+
+
+def test_run_folder_holds_every_output(first_run: dict) -> None:
+    folder = Path(first_run["output_dir"])
+    assert {p.name for p in folder.iterdir()} == RUN_FILES
+    report = (folder / "report.md").read_text()
+    for figure in RUN_FILES - {"report.md"}:
+        if figure.endswith(".png"):
+            assert f"]({figure})" in report
+    assert "## Conclusions" in report and "diagonal Gaussian" in report
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    assert json.loads((folder / "metrics.json").read_text()) == pytest.approx(first_run["metrics"])
+
+
+def test_metrics_are_numbers(first_run: dict) -> None:
+    metrics = first_run["metrics"]
+    for name in ("heldout_log_prob", "heldout_bits_per_dim", "validation_log_prob", "train_seconds"):
+        assert isinstance(metrics[name], float) and np.isfinite(metrics[name])
+    assert metrics["n_components"] == 64 and metrics["epochs"] == 3
+
+
+def test_reported_heldout_log_prob_is_reproducible_from_saved_files(first_run: dict, data_file: Path) -> None:
+    from tasks.data import load_faces
+
+    folder = Path(first_run["output_dir"])
+    heldout = json.loads((folder / "split.json").read_text())["heldout"]
+    pca = joblib.load(folder / "pca.joblib")
+    model, config = load_checkpoint(folder / "model.pt")
+    pixels = load_faces(data_file).flat[heldout]
+    with torch.no_grad():
+        log_p = model.log_prob(torch.from_numpy(pca.transform(pixels).astype(np.float32)))
+    assert config["epochs"] == 3
+    assert float(log_p.double().mean()) == pytest.approx(first_run["metrics"]["heldout_log_prob"], abs=1e-3)
+
+
+def test_artifacts_are_published(server: str, first_run: dict) -> None:
+    artifacts = artifacts_of(server, first_run["flow_run_id"])
+    assert {"faceflow-report", "faceflow-quality", "faceflow-scores", "faceflow-metrics", "faceflow-training"} <= set(artifacts)
+    report = artifacts["faceflow-report"]
+    assert report.type == "markdown" and report.data.count("data:image/png;base64,") == 5
+    assert artifacts["faceflow-training"].type == "progress" and float(artifacts["faceflow-training"].data) == 100.0
+    quality = json.loads(artifacts["faceflow-quality"].data)
+    assert [row["method"] for row in quality][:3] == ["faceflow RealNVP", "diagonal Gaussian", "GaussianMixture"]
+
+
+def test_identical_rerun_is_all_cached(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
+    again = faceflow_run(server, workdir, data_file, *QUICK)
+    assert again["tasks"] == {name: "Cached" for name in ALL_TASKS}
+    assert again["output_dir"] == first_run["output_dir"]
+    assert again["metrics"] == first_run["metrics"]
+
+
+def test_downstream_change_reruns_only_downstream(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
+    changed = faceflow_run(server, workdir, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "5")
+    expected = {name: ("Completed" if name in DOWNSTREAM_OF_SAMPLES else "Cached") for name in ALL_TASKS}
+    assert changed["tasks"] == expected
+    assert changed["output_dir"] != first_run["output_dir"]
+    assert changed["metrics"]["heldout_log_prob"] == first_run["metrics"]["heldout_log_prob"]
+
+
+def test_deleted_run_folder_is_written_again(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
+    shutil.rmtree(first_run["output_dir"])
+    again = faceflow_run(server, workdir, data_file, *QUICK)
+    assert again["tasks"]["report"] == "Completed" and again["tasks"]["train_realnvp"] == "Cached"
+    assert {p.name for p in Path(again["output_dir"]).iterdir()} == RUN_FILES
