@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefect_server import prefect_server
+from faceflow.local_server import prefect_server
 from tasks.model import load_checkpoint
 
 ALL_TASKS = {

@@ -1,4 +1,4 @@
-"""A real Prefect server on 127.0.0.1 for tests, started and stopped by the test that uses it."""
+"""A real Prefect server on 127.0.0.1 for tests and benchmarks, started and stopped by its user."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""`make bench`: speed, caching, memory and model quality, measured side by side in one run."""

@@ -1,0 +1,125 @@
+"""`make bench`: one run, one machine, every figure side by side; prints tables, writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import flow_runs, quality, training_speed
+from faceflow.config import FaceflowConfig
+from faceflow.threads import limited_threads
+from tasks.data import load_faces
+from tasks.pca import fit_pca_on
+from tasks.data import split_indices
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+TARGETS = [
+    # (figure, numerator, denominator, comparison, target)
+    ("project steps/s / lab recipe steps/s", "project_steps_per_second", "lab_steps_per_second", ">=", 3.0),
+    ("project steps/s / compute-floor steps/s", "project_steps_per_second", "floor_steps_per_second", ">=", 0.7),
+    ("cold flow wall / lab script wall", "cold_wall_seconds", "lab_wall_seconds", "<=", 1.0),
+    ("identical re-run / cold run", "identical_rerun_seconds", "cold_wall_seconds", "<=", 0.10),
+    ("downstream-only re-run / cold run", "downstream_rerun_seconds", "cold_wall_seconds", "<=", 0.20),
+    ("cold run peak RSS (GB), server included", "cold_peak_rss_gb", None, "<=", 1.0),
+]
+
+
+def machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def all_coords(data_file: Path) -> np.ndarray:
+    """PCA(64) coordinates of all 400 faces, as the lab used them."""
+    from sklearn.decomposition import PCA
+
+    return PCA(64, svd_solver="full").fit_transform(load_faces(data_file).flat).astype(np.float32)
+
+
+def check_targets(figures: dict[str, float]) -> list[dict]:
+    rows = []
+    for name, numerator, denominator, comparison, target in TARGETS:
+        value = figures[numerator] / figures[denominator] if denominator else figures[numerator]
+        met = value >= target if comparison == ">=" else value <= target
+        rows.append({"figure": name, "value": value, "target": f"{comparison} {target}", "met": met})
+    return rows
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n== {title}")
+    if not rows:
+        return
+    columns = list(rows[0])
+    width = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(width[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_fmt(row[c]).ljust(width[c]) for c in columns))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
+    arguments = parser.parse_args()
+    data_file = Path(os.environ.get("FACEFLOW_DATA_FILE") or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat")
+    report: dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
+
+    print("lab plain script (150 epochs) ...", flush=True)
+    lab = flow_runs.lab_script(data_file)
+    coords = all_coords(data_file)
+    threads = FaceflowConfig().threads
+    print("project training loop and compute floor ...", flush=True)
+    with limited_threads(threads):
+        project = training_speed.project_steps_per_second(coords)
+        floor = training_speed.compute_floor_steps_per_second(coords)
+    with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as scratch:
+        print("cold flow run ...", flush=True)
+        cold = flow_runs.cold_run(Path(scratch), data_file)
+        print("cached re-runs against one server ...", flush=True)
+        reruns = flow_runs.cached_reruns(Path(scratch), data_file)
+
+    figures = {
+        "lab_wall_seconds": lab["wall_seconds"], "lab_train_seconds": lab["train_seconds"],
+        "lab_steps_per_second": lab["steps_per_second"], "lab_peak_rss_gb": lab["peak_rss_bytes"] / 1e9,
+        "project_steps_per_second": project["steps_per_second"],
+        "floor_steps_per_second": floor["steps_per_second"],
+        "cold_wall_seconds": cold["wall_seconds"], "cold_peak_rss_gb": cold["peak_rss_bytes"] / 1e9,
+        "cold_train_seconds": cold["metrics"]["train_seconds"],
+        "identical_rerun_seconds": reruns["identical"]["wall_seconds"],
+        "downstream_rerun_seconds": reruns["downstream_only"]["wall_seconds"],
+    }
+    report |= {"figures": figures, "targets": check_targets(figures), "lab": lab, "project": project, "floor": floor,
+               "cold": cold, "reruns": reruns}
+    print_table("measurements", [{"figure": k, "value": v} for k, v in figures.items()])
+    print_table("targets", report["targets"])
+    print_table("task states of the re-runs", [
+        {"run": name, **{task: state for task, state in run["tasks"].items()}} for name, run in reruns.items()
+    ])
+
+    if not arguments.skip_quality:
+        print("\nquality: baselines and the default recipe, 3 seeds ...", flush=True)
+        with limited_threads(threads):
+            report["quality"] = quality.quality_table(data_file)
+        print_table("held-out quality (nats per face; higher is better)", report["quality"])
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{report['date'].replace(':', '')}.json"
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Whole-flow timings: a cold run in a fresh process, then cached re-runs in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from faceflow.local_server import prefect_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    """Resident memory of a process and all its descendants (the temporary server included)."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_and_watch(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, str]:
+    """(wall seconds, peak resident bytes of the process tree, stdout)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    watched, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            peak = max(peak, _tree_rss(watched))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    stdout = child.stdout.read()
+    wall = time.perf_counter() - started
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {child.returncode}")
+    return wall, peak, stdout
+
+
+def cold_run(workdir: Path, data_file: Path) -> dict:
+    """`faceflow run` with defaults, empty result storage, a fresh process and temporary server."""
+    env = os.environ | {"PREFECT_HOME": str(workdir / "prefect"), "FACEFLOW_DATA_FILE": str(data_file),
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "faceflow.cli", "run", "--json", "--output-dir", str(workdir / "outputs")]
+    wall, peak, stdout = run_and_watch(command, env, workdir)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_seconds": wall, "peak_rss_bytes": peak, "tasks": summary["tasks"], "metrics": summary["metrics"]}
+
+
+RERUN_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from faceflow.config import FaceflowConfig
+from faceflow.runner import run_pipeline
+config = FaceflowConfig(output_dir=Path(sys.argv[1]))
+timings = {}
+for name, variant in (("identical", config),
+                      ("downstream_only", config.model_copy(update={"sample": config.sample.model_copy(update={"n_samples": 12})}))):
+    started = time.perf_counter()
+    summary = run_pipeline(variant)
+    timings[name] = {"wall_seconds": time.perf_counter() - started, "tasks": summary["tasks"]}
+print(json.dumps(timings))
+"""
+
+
+def cached_reruns(workdir: Path, data_file: Path) -> dict:
+    """In one process against one running server: identical re-run, then a downstream-only change."""
+    with prefect_server(workdir) as api_url:
+        env = os.environ | {"PREFECT_HOME": str(workdir / "prefect"), "PREFECT_API_URL": api_url,
+                            "FACEFLOW_DATA_FILE": str(data_file)}
+        result = subprocess.run(
+            [sys.executable, "-c", RERUN_SCRIPT, str(workdir / "outputs")], env=env, cwd=workdir,
+            capture_output=True, text=True, check=True,
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def lab_script(data_file: Path) -> dict:
+    """The lab's plain script in a fresh process: wall time from launch to exit."""
+    env = os.environ | {"FACEFLOW_DATA_FILE": str(data_file), "PYTHONPATH": str(REPO_ROOT)}
+    wall, peak, stdout = run_and_watch([sys.executable, "-m", "bench.lab_script"], env, REPO_ROOT)
+    return json.loads(stdout.strip().splitlines()[-1]) | {"wall_seconds": wall, "peak_rss_bytes": peak}

@@ -1,0 +1,31 @@
+"""prefect.yaml points at the real flow, and the flow's parameter renders as a described form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.callables import parameter_schema
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_deployment_entrypoint_loads_the_pipeline() -> None:
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} == {"on-demand", "weekly-retrain"}
+    for deployment in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
+        assert flow.name == "faceflow"
+
+
+def test_flow_parameter_schema_has_every_section_with_descriptions() -> None:
+    from flows.pipeline import faceflow_pipeline
+
+    schema = parameter_schema(faceflow_pipeline).model_dump()
+    definitions = schema["definitions"]
+    config = definitions["FaceflowConfig"]["properties"]
+    assert {"data", "pca", "train", "sample", "interpolate", "baselines", "seed", "output_dir"} <= set(config)
+    epochs = definitions["TrainConfig"]["properties"]["epochs"]
+    assert epochs["minimum"] == 1 and epochs["description"]
+    assert definitions["SampleConfig"]["properties"]["temperature"]["exclusiveMinimum"] == 0.0
