@@ -9,16 +9,28 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+def montage(images: np.ndarray, columns: int, gap: int = 2) -> np.ndarray:
+    """Tile images into one array, white gaps between them: one imshow instead of one axis each."""
+    rows = int(np.ceil(len(images) / columns))
+    height, width = images.shape[1:]
+    canvas = np.ones((rows * (height + gap) - gap, columns * (width + gap) - gap), dtype=np.float32)
+    for position, image in enumerate(images):
+        top, left = (position // columns) * (height + gap), (position % columns) * (width + gap)
+        canvas[top : top + height, left : left + width] = image
+    return canvas
+
+
 def _image_grid(images: np.ndarray, columns: int, titles: list[str] | None = None, width: float = 1.3) -> Figure:
     rows = int(np.ceil(len(images) / columns))
-    figure = Figure(figsize=(columns * width, rows * width * (1.15 if titles else 1.0)))
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for position, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if position < len(images):
-            axis.imshow(images[position], cmap="gray", vmin=0.0, vmax=1.0)
-            if titles:
-                axis.set_title(titles[position], fontsize=7)
+    figure = Figure(figsize=(columns * width, rows * width * (1.15 if titles else 1.0) + 0.4))
+    axis = figure.subplots()
+    gap = 14 if titles else 2  # room for a title above each row
+    axis.imshow(montage(images, columns, gap), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axis.axis("off")
+    height, width = images.shape[1] + gap, images.shape[2] + gap
+    for position, title in enumerate(titles or []):
+        axis.text((position % columns) * width + (width - gap) / 2, (position // columns) * height - 1, title,
+                  ha="center", va="bottom", fontsize=7)
     figure.tight_layout(pad=0.3)
     return figure
 

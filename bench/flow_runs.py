@@ -57,11 +57,12 @@ def cold_run(workdir: Path, data_file: Path) -> dict:
 
 
 RERUN_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from faceflow.config import FaceflowConfig
 from faceflow.runner import run_pipeline
-config = FaceflowConfig(output_dir=Path(sys.argv[1]))
+# The same config as the cold `faceflow run`, whose --data-file came from FACEFLOW_DATA_FILE.
+config = FaceflowConfig.model_validate({"output_dir": sys.argv[1], "data": {"data_file": os.environ["FACEFLOW_DATA_FILE"]}})
 timings = {}
 for name, variant in (("identical", config),
                       ("downstream_only", config.model_copy(update={"sample": config.sample.model_copy(update={"n_samples": 12})}))):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
@@ -13,6 +13,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from faceflow.config import FaceflowConfig
+from faceflow.local_server import boot_temporary_server_early
 from faceflow.settings import DATA_FILE_VARIABLE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
@@ -85,8 +86,11 @@ def _run(**options: Any) -> None:
     except ValidationError as error:
         typer.echo(describe_validation_error(error), err=True)
         raise typer.Exit(code=2)
+    booting = boot_temporary_server_early()
     from faceflow.runner import run_pipeline
 
+    if booting is not None:
+        booting.join()
     try:
         summary = run_pipeline(config)
     except Exception as error:  # the flow already logged the traceback
@@ -137,6 +141,8 @@ def show_config() -> None:
 
 
 def main() -> None:
+    # No telemetry leaves the machine unless the user asks for it; the temporary server inherits this.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
 
 

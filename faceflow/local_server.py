@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -51,3 +52,23 @@ def prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def boot_temporary_server_early() -> threading.Thread | None:
+    """Start Prefect's own ephemeral server now, in the background; None if an API URL is set.
+
+    A flow run without PREFECT_API_URL starts this server itself, but only when the flow
+    begins, after torch, scikit-learn and the tasks have been imported. Booting it first lets
+    the server's start-up (seconds, database migrations included) overlap those imports. The
+    flow then finds the same server already running. Join the thread before running a flow.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-boot", daemon=True)
+    thread.start()
+    return thread
