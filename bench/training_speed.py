@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from faceflow.config import TrainConfig
 from tasks.lab_recipe import LAB_BATCH_SIZE, LAB_EPOCHS, LAB_HIDDEN, LAB_LAYERS
-from tasks.train import FaceBatches, train_flow
+from tasks.train import FaceBatches, make_optimizer, train_flow
 
 EQUAL_SHAPE = TrainConfig(
     epochs=LAB_EPOCHS, batch_size=LAB_BATCH_SIZE, num_layers=LAB_LAYERS, hidden_units=LAB_HIDDEN, device="cpu"
@@ -39,7 +39,7 @@ def compute_floor_steps_per_second(coords: np.ndarray, config: TrainConfig = EQU
     nets = torch.nn.ModuleList(
         nf.nets.MLP([dim // 2, config.hidden_units, config.hidden_units, dim]) for _ in range(config.num_layers)
     )
-    optimizer = torch.optim.AdamW(nets.parameters(), lr=config.learning_rate)
+    optimizer = make_optimizer(list(nets.parameters()), config)
     data = torch.from_numpy(coords)
     steps = config.epochs * math.ceil(len(data) / config.batch_size)
     generator = torch.Generator().manual_seed(0)

@@ -62,6 +62,11 @@ class TrainedFlow:
         return model.to(device).eval()
 
 
+def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the fused kernel updates all ~70 small tensors in one call instead of a Python loop."""
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+
+
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
     """DataLoader over the fit faces' coordinates: batch size from config, shuffled, seeded."""
     fit = torch.from_numpy(pca.coords[split.fit])
@@ -106,9 +111,7 @@ def train_flow(
     model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
     with torch.no_grad():  # ActNorm's data-dependent init on all clean faces, not one random batch
         model.log_prob(clean)
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(trainable_parameters(model), config)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     noise_scale = config.input_noise * std

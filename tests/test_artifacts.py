@@ -1,0 +1,64 @@
+"""Report pieces on small data: non-finite values are reported, never crash; writes are atomic."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from artifacts import figures
+from artifacts.publish import _records, write_run_folder
+from artifacts.report import comparison_table, conclusions, markdown_table
+
+METRICS = {
+    "heldout_log_prob": -40.0, "heldout_bits_per_dim": 0.9, "train_seconds": 5.0, "best_epoch": 90.0,
+    "epochs": 100.0, "n_components": 64.0, "heldout_nonfinite": 0.0, "nonfinite_steps": 0.0,
+    "sample_nearest_distance_median": 0.10, "heldout_nearest_distance_median": 0.08,
+    "samples_closer_than_any_heldout": 0.0,
+}
+BASELINES = pd.DataFrame([
+    {"method": "diagonal Gaussian", "heldout_log_prob": -56.0, "bits_per_dim": 1.26, "train_seconds": 0.0, "detail": ""},
+    {"method": "GaussianMixture", "heldout_log_prob": -30.0, "bits_per_dim": 0.7, "train_seconds": 1.0, "detail": ""},
+])
+
+
+def test_conclusions_follow_the_numbers() -> None:
+    lines = conclusions(METRICS, BASELINES)
+    assert any("beats the diagonal Gaussian (-56.00) by 16.00" in line for line in lines)
+    assert any("falls short of the GaussianMixture (-30.00) by 10.00" in line for line in lines)
+    assert any("not copies" in line for line in lines)
+    memorised = conclusions(METRICS | {"samples_closer_than_any_heldout": 0.75}, BASELINES)
+    assert any("look memorised" in line for line in memorised)
+
+
+def test_non_finite_log_prob_is_shown_not_crashed_on() -> None:
+    metrics = METRICS | {"heldout_log_prob": -math.inf, "heldout_nonfinite": 3.0}
+    lines = conclusions(metrics, BASELINES)
+    assert any("undefined" in line for line in lines) and any("3 held-out faces" in line for line in lines)
+    table = markdown_table(comparison_table(metrics, BASELINES))
+    assert "| -inf |" in table
+    histogram = figures.log_prob_histogram({"heldout": np.array([-40.0, -np.inf, -41.0]), "fit": np.array([-35.0, -36.0])})
+    assert figures.png_bytes(histogram).startswith(b"\x89PNG")
+    assert "1 non-finite" in histogram.axes[0].get_legend().get_texts()[0].get_text()
+    assert _records(pd.DataFrame({"log_prob": [-np.inf, -1.5]})) == [{"log_prob": "-inf"}, {"log_prob": -1.5}]
+
+
+def test_run_folder_is_all_or_nothing(tmp_path: Path) -> None:
+    destination = tmp_path / "run-abc"
+    with pytest.raises(FileNotFoundError):
+        write_run_folder(destination, {"report.md": b"ok", "missing/dir.png": b"boom"})
+    assert list(tmp_path.iterdir()) == []
+    write_run_folder(destination, {"report.md": b"first"})
+    write_run_folder(destination, {"report.md": b"second"})
+    assert (destination / "report.md").read_bytes() == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["run-abc"]
+
+
+def test_montage_places_every_image() -> None:
+    images = np.stack([np.full((4, 4), value, dtype=np.float32) for value in (0.0, 0.25, 0.5)])
+    canvas = figures.montage(images, columns=2, gap=1)
+    assert canvas.shape == (9, 9)
+    assert canvas[0, 0] == 0.0 and canvas[0, 5] == 0.25 and canvas[5, 0] == 0.5 and canvas[5, 5] == 1.0
