@@ -93,6 +93,12 @@ class TrainConfig(_Section):
     input_noise: float = Field(
         0.5, ge=0.0, le=5.0, description="Gaussian noise std added to whitened training inputs."
     )
+    noise_draws: int = Field(
+        1, ge=1, le=64, description="Independent noise draws of each face per step (a larger, smoother batch)."
+    )
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Decay of the weights' moving average used for evaluation; 0 disables it."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: auto picks CUDA when present."
     )

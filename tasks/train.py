@@ -13,6 +13,7 @@ import normflows as nf
 import numpy as np
 import torch
 from prefect import task
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
 from faceflow.caching import KEYED_INPUTS, content_key
@@ -115,6 +116,13 @@ def train_flow(
     steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     noise_scale = config.input_noise * std
+    # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay > 0
+        else None
+    )
+    evaluated = averaged.module if averaged is not None else model
 
     best_state, best_score, best_epoch = None, -math.inf, 0
     history: list[EpochStats] = []
@@ -125,7 +133,7 @@ def train_flow(
         order = torch.randperm(len(data), generator=generator).to(device)
         epoch_loss, finite_batches = 0.0, 0
         for start in range(0, len(data), batch_size):
-            batch = data[order[start : start + batch_size]]
+            batch = data[order[start : start + batch_size]].repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn_like(batch)
             loss = -model.log_prob(batch).mean()
             steps += 1
@@ -138,10 +146,12 @@ def train_flow(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             epoch_loss += loss.item()
             finite_batches += 1
-        model.eval()
-        validation_score = mean_log_prob(model, validation) if len(validation) else None
+        evaluated.eval()
+        validation_score = mean_log_prob(evaluated, validation) if len(validation) else None
         stats = EpochStats(
             epoch=epoch,
             epochs=config.epochs,
@@ -153,7 +163,7 @@ def train_flow(
         on_epoch(stats)
         score = validation_score if validation_score is not None else float(epoch)
         if score > best_score or best_state is None:
-            best_state, best_score, best_epoch = copy.deepcopy(model.state_dict()), score, epoch
+            best_state, best_score, best_epoch = copy.deepcopy(evaluated.state_dict()), score, epoch
 
     return TrainedFlow(
         key="",

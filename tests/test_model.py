@@ -69,3 +69,12 @@ def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="weights.pt.*not a faceflow checkpoint"):
         load_checkpoint(path)
+
+
+def test_couplings_alternate_which_half_is_transformed() -> None:
+    import normflows as nf
+
+    model = _model()
+    modes = [block.flows[0].mode for block in model.flows if isinstance(block, nf.flows.AffineCouplingBlock)]
+    assert modes == ["channel", "channel_inv", "channel"]
+    assert sum(isinstance(block, nf.flows.ActNorm) for block in model.flows) == 3
