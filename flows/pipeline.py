@@ -12,6 +12,7 @@ from faceflow.threads import limited_threads
 from tasks.baselines import fit_baselines
 from tasks.data import fetch_faces, resolve_data_file, split_faces
 from tasks.generate import interpolate_faces, sample_faces
+from tasks.model import resolve_device
 from tasks.pca import fit_pca
 from tasks.report import RunReport, report
 from tasks.score import score_log_prob
@@ -27,6 +28,7 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
 @flow(name="faceflow", persist_result=True)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> RunReport:
     """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
+    resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     run_folder = run_folder_for(config, data_file)
     with limited_threads(config.threads):
