@@ -93,6 +93,11 @@ class TrainConfig(_Section):
     input_noise: float = Field(
         0.5, ge=0.0, le=5.0, description="Gaussian noise std added to whitened training inputs."
     )
+    noise_exponent: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Noise shape: 0 = input_noise in whitened units for every component; "
+        "1 = the same absolute noise in every component.",
+    )
     noise_draws: int = Field(
         1, ge=1, le=64, description="Independent noise draws of each face per step (a larger, smoother batch)."
     )

@@ -68,6 +68,16 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) ->
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
 
 
+def input_noise_scale(std: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Per-component std of the training noise, in PCA units.
+
+    With exponent 0 the noise is ``input_noise`` in whitened units for every component; larger
+    exponents move it towards the same absolute noise everywhere, i.e. relatively more noise
+    on the low-variance components, where held-out faces differ most from the fit faces.
+    """
+    return config.input_noise * std * (std.mean() / std) ** config.noise_exponent
+
+
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
     """DataLoader over the fit faces' coordinates: batch size from config, shuffled, seeded."""
     fit = torch.from_numpy(pca.coords[split.fit])
@@ -115,7 +125,7 @@ def train_flow(
     optimizer = make_optimizer(trainable_parameters(model), config)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    noise_scale = config.input_noise * std
+    noise_scale = input_noise_scale(std, config)
     # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
     averaged = (
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)

@@ -51,3 +51,13 @@ def test_non_finite_losses_are_skipped_and_counted() -> None:
     assert trained.nonfinite_steps == 4
     assert all(torch.isfinite(v).all() for v in trained.state_dict.values() if v.is_floating_point())
     assert all(math.isfinite(h.train_loss) for h in trained.history)
+
+
+def test_noise_shape_runs_from_whitened_to_absolute() -> None:
+    from tasks.train import input_noise_scale
+
+    std = torch.tensor([4.0, 1.0])
+    whitened = input_noise_scale(std, SMALL.model_copy(update={"input_noise": 0.5, "noise_exponent": 0.0}))
+    absolute = input_noise_scale(std, SMALL.model_copy(update={"input_noise": 0.5, "noise_exponent": 1.0}))
+    torch.testing.assert_close(whitened / std, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(absolute, torch.tensor([1.25, 1.25]))
