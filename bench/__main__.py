@@ -17,8 +17,6 @@ from bench import flow_runs, quality, training_speed
 from faceflow.config import FaceflowConfig
 from faceflow.threads import limited_threads
 from tasks.data import load_faces
-from tasks.pca import fit_pca_on
-from tasks.data import split_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +111,9 @@ def main() -> None:
         print("\nquality: baselines and the default recipe, 3 seeds ...", flush=True)
         with limited_threads(threads):
             report["quality"] = quality.quality_table(data_file)
-        print_table("held-out quality (nats per face; higher is better)", report["quality"])
+        report["quality_summary"] = quality.summarise(report["quality"])
+        print_table("held-out quality per split and seed (nats per face; higher is better)", report["quality"])
+        print_table("held-out quality summary", report["quality_summary"])
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{report['date'].replace(':', '')}.json"

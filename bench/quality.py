@@ -16,7 +16,7 @@ from tasks.score import bits_per_dim, flow_log_prob
 from tasks.train import make_batches, train_flow
 
 
-def quality_table(data_file: Path, seeds: tuple[int, ...] = (0, 1, 2), split_seeds: tuple[int, ...] = (0,)) -> list[dict]:
+def quality_table(data_file: Path, seeds: tuple[int, ...] = (0, 1, 2), split_seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
     """One row per method (and seed): held-out log p, bits/dim, training seconds."""
     rows = []
     config = FaceflowConfig()
@@ -43,3 +43,16 @@ def quality_table(data_file: Path, seeds: tuple[int, ...] = (0, 1, 2), split_see
                          "heldout_log_prob": heldout_log_prob, "bits_per_dim": bits_per_dim(heldout_log_prob, dim),
                          "train_seconds": trained.seconds})
     return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and range per method over every split and seed."""
+    summary = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        values = [row["heldout_log_prob"] for row in rows if row["method"] == method]
+        seconds = [row["train_seconds"] for row in rows if row["method"] == method]
+        summary.append({"method": method, "runs": len(values), "mean_heldout_log_prob": float(np.mean(values)),
+                        "worst": float(np.min(values)), "best": float(np.max(values)),
+                        "mean_bits_per_dim": float(np.mean([r["bits_per_dim"] for r in rows if r["method"] == method])),
+                        "mean_train_seconds": float(np.mean(seconds))})
+    return summary

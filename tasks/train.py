@@ -23,6 +23,9 @@ from tasks.model import ModelSpec, build_realnvp, resolve_device, trainable_para
 from tasks.pca import FittedPCA
 
 
+VALIDATIONS_PER_RUN = 200
+
+
 @dataclass(frozen=True)
 class FaceBatches:
     """The training faces' PCA coordinates as a shuffled, seeded DataLoader."""
@@ -134,6 +137,8 @@ def train_flow(
     )
     evaluated = averaged.module if averaged is not None else model
 
+    # About 200 validations a run: enough to pick a good epoch, cheap next to training.
+    validate_every = max(1, config.epochs // VALIDATIONS_PER_RUN)
     best_state, best_score, best_epoch = None, -math.inf, 0
     history: list[EpochStats] = []
     nonfinite = steps = 0
@@ -161,7 +166,8 @@ def train_flow(
             epoch_loss += loss.item()
             finite_batches += 1
         evaluated.eval()
-        validation_score = mean_log_prob(evaluated, validation) if len(validation) else None
+        validating = len(validation) and (epoch % validate_every == 0 or epoch == config.epochs)
+        validation_score = mean_log_prob(evaluated, validation) if validating else None
         stats = EpochStats(
             epoch=epoch,
             epochs=config.epochs,
@@ -171,9 +177,10 @@ def train_flow(
         )
         history.append(stats)
         on_epoch(stats)
-        score = validation_score if validation_score is not None else float(epoch)
-        if score > best_score or best_state is None:
-            best_state, best_score, best_epoch = copy.deepcopy(evaluated.state_dict()), score, epoch
+        if validation_score is not None and validation_score > best_score:
+            best_state, best_score, best_epoch = copy.deepcopy(evaluated.state_dict()), validation_score, epoch
+    if best_state is None:  # no validation faces, or no finite validation score: the last weights
+        best_state, best_epoch = copy.deepcopy(evaluated.state_dict()), config.epochs
 
     return TrainedFlow(
         key="",
