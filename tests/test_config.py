@@ -62,7 +62,7 @@ def test_cli_help_lists_every_option_with_defaults(tmp_path: Path) -> None:
     assert result.returncode == 0
     for path, info in config_fields():
         assert option_name(path) in result.stdout
-    assert "default: (150)" in result.stdout  # epochs
+    assert f"default: ({FaceflowConfig().train.epochs})" in result.stdout
 
 
 @pytest.mark.parametrize(
