@@ -61,3 +61,17 @@ def test_noise_shape_runs_from_whitened_to_absolute() -> None:
     absolute = input_noise_scale(std, SMALL.model_copy(update={"input_noise": 0.5, "noise_exponent": 1.0}))
     torch.testing.assert_close(whitened / std, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(absolute, torch.tensor([1.25, 1.25]))
+
+
+def test_weight_average_follows_the_model_with_its_decay() -> None:
+    from tasks.train import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    average.update()
+    torch.testing.assert_close(average.module.weight, torch.full((1, 2), 1.2))
+    assert average.module.weight.data_ptr() != model.weight.data_ptr()
