@@ -45,8 +45,19 @@ def run_and_watch(command: list[str], env: dict[str, str], cwd: Path) -> tuple[f
     return wall, peak, stdout
 
 
+def prepare_database(home: Path) -> None:
+    """Create and migrate a Prefect database in ``home`` by starting and stopping a server once."""
+    home.mkdir(parents=True, exist_ok=True)
+    with prefect_server(home):
+        pass
+
+
 def cold_run(workdir: Path, data_file: Path) -> dict:
-    """`faceflow run` with defaults, empty result storage, a fresh process and temporary server."""
+    """`faceflow run` with defaults: empty result storage, a fresh process, the temporary server's start.
+
+    Whether Prefect's database already exists in PREFECT_HOME is the caller's choice: a first
+    use on a machine also pays for creating and migrating it.
+    """
     env = os.environ | {"PREFECT_HOME": str(workdir / "prefect"), "FACEFLOW_DATA_FILE": str(data_file),
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
