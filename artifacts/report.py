@@ -54,6 +54,11 @@ def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]
             if math.isfinite(gap)
             else f"The comparison with the {row.method} is undefined: a log p is not finite."
         )
+    if "lab recipe" not in set(baselines["method"]):
+        lines.append(
+            "The lab's original recipe is not re-trained in a default run (about 15 s more); "
+            "run with --include-lab-recipe to add it, or see docs/quality.md."
+        )
     if metrics["heldout_nonfinite"]:
         lines.append(f"{int(metrics['heldout_nonfinite'])} held-out faces have a non-finite log p.")
     ratio = metrics["sample_nearest_distance_median"] / metrics["heldout_nearest_distance_median"]

@@ -78,14 +78,19 @@ def build_config(values: dict[tuple[str, ...], Any]) -> FaceflowConfig:
     return FaceflowConfig.model_validate(nested(given))
 
 
-def _run(**options: Any) -> None:
-    as_json = options.pop("json_output")
+def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
+    """The config tree from CLI options; exits with status 2 and the problems on bad input."""
     paths = {path[-1]: path for path, _ in config_fields()}
     try:
-        config = build_config({paths[name]: value for name, value in options.items()})
+        return build_config({paths[name]: value for name, value in options.items()})
     except ValidationError as error:
         typer.echo(describe_validation_error(error), err=True)
         raise typer.Exit(code=2)
+
+
+def _run(**options: Any) -> None:
+    as_json = options.pop("json_output")
+    config = _validated_config(options)
     booting = boot_temporary_server_early()
     from faceflow.runner import run_pipeline
 
@@ -105,23 +110,27 @@ def _run(**options: Any) -> None:
             typer.echo(f"  {task_name:<18} {state}")
 
 
-def _run_signature() -> inspect.Signature:
+def _config_signature(with_json: bool) -> inspect.Signature:
     parameters = []
     for path, info in config_fields():
         kind = _option_type(info.annotation)
         default_shown = str(info.default)
         extra = {"envvar": DATA_FILE_VARIABLE} if path[-1] == "data_file" else {}
+        declaration = option_name(path)
+        if kind is bool:  # a pair of flags, so a True default can be switched off
+            declaration = f"{declaration}/--no-{declaration.removeprefix('--')}"
         option = typer.Option(
-            option_name(path), help=_help(info), show_default=default_shown, **extra,
+            declaration, help=_help(info), show_default=default_shown, **extra,
             rich_help_panel=path[0] if len(path) > 1 else "run",
         )
         parameters.append(
             inspect.Parameter(path[-1], inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option])
         )
-    json_option = typer.Option("--json", help="Print one JSON object as the last line of stdout.")
-    parameters.append(
-        inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, json_option])
-    )
+    if with_json:
+        json_option = typer.Option("--json", help="Print one JSON object as the last line of stdout.")
+        parameters.append(
+            inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, json_option])
+        )
     return inspect.Signature(parameters)
 
 
@@ -130,14 +139,17 @@ def run(**options: Any) -> None:
     _run(**options)
 
 
-run.__signature__ = _run_signature()  # type: ignore[attr-defined]
+run.__signature__ = _config_signature(with_json=True)  # type: ignore[attr-defined]
 app.command("run")(run)
 
 
-@app.command("show-config")
-def show_config() -> None:
-    """Print the default config tree as JSON (the flow's parameter schema)."""
-    typer.echo(FaceflowConfig().model_dump_json(indent=1))
+def show_config(**options: Any) -> None:
+    """Print the config tree a run with these options would use, as JSON; runs nothing."""
+    typer.echo(_validated_config(options).model_dump_json(indent=1))
+
+
+show_config.__signature__ = _config_signature(with_json=False)  # type: ignore[attr-defined]
+app.command("show-config")(show_config)
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ class BaselineConfig(_Section):
         4, ge=1, le=16, description="GaussianMixture: best of 1..this many components on validation."
     )
     include_lab_recipe: bool = Field(
-        False, description="Also train the lab's original recipe (about 10 s more)."
+        False, description="Also train the lab's original recipe (about 15 s more)."
     )
 
 

@@ -30,6 +30,7 @@ def test_conclusions_follow_the_numbers() -> None:
     assert any("beats the diagonal Gaussian (-56.00) by 16.00" in line for line in lines)
     assert any("falls short of the GaussianMixture (-30.00) by 10.00" in line for line in lines)
     assert any("not copies" in line for line in lines)
+    assert any("--include-lab-recipe" in line for line in lines)
     memorised = conclusions(METRICS | {"samples_closer_than_any_heldout": 0.75}, BASELINES)
     assert any("look memorised" in line for line in memorised)
 

@@ -79,3 +79,16 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path: Path, arguments: list[s
     assert result.returncode == 2
     assert expected in result.stderr
     assert not output.exists()
+
+
+def test_cli_options_reach_the_config_tree(tmp_path: Path) -> None:
+    import json
+
+    result = _cli("show-config", "--no-round-to-power-of-two", "--epochs", "5", "--temperature", "0.5",
+                  "--method", "linear", "--include-lab-recipe", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["pca"]["round_to_power_of_two"] is False and config["train"]["epochs"] == 5
+    assert config["sample"]["temperature"] == 0.5 and config["interpolate"]["method"] == "linear"
+    assert config["baselines"]["include_lab_recipe"] is True
+    assert config["data"]["split_seed"] == 0  # untouched fields keep their defaults
