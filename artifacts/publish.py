@@ -12,7 +12,7 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
-def _json_safe(value: object) -> object:
+def json_safe(value: object) -> object:
     """Non-finite numbers as strings: JSON has no -inf, and the UI should still show it."""
     value = value.item() if hasattr(value, "item") else value
     if isinstance(value, float) and not math.isfinite(value):
@@ -21,7 +21,7 @@ def _json_safe(value: object) -> object:
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    return [{k: _json_safe(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+    return [{k: json_safe(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
 def publish_artifacts(markdown: str, comparison: pd.DataFrame, scores: pd.DataFrame, metrics: dict[str, float]) -> None:
@@ -36,6 +36,12 @@ def publish_artifacts(markdown: str, comparison: pd.DataFrame, scores: pd.DataFr
     )
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
     """Write every file into a hidden sibling folder, then swap it into place in one rename.
 
@@ -43,6 +49,7 @@ def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
     try:
         for name, content in files.items():
             (staging / name).write_bytes(content)

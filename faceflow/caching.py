@@ -9,6 +9,7 @@ The cache policy hashes those keys (and plain parameters) instead of the objects
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,13 +90,18 @@ class KeyedInputs(CachePolicy):
 
 @lru_cache(maxsize=1)
 def project_source_digest() -> str:
-    """sha256 over faceflow's own source: a code change invalidates every cached result.
+    """sha256 over faceflow's source and its numerical libraries' versions.
+
+    Any change to either invalidates every cached result.
 
     Coarser than per-task source, but a task's output also depends on the helpers it
     calls, and a stale model is worse than a retrain.
     """
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
+    # Results also depend on the numerical libraries: an upgrade must not reuse old models.
+    for library in ("numpy", "scipy", "scikit-learn", "torch", "normflows"):
+        digest.update(f"{library}=={importlib.metadata.version(library)}".encode())
     for package in ("faceflow", "tasks", "artifacts"):
         for path in sorted((root / package).rglob("*.py")):
             digest.update(path.relative_to(root).as_posix().encode())

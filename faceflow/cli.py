@@ -105,7 +105,8 @@ def _run(**options: Any) -> None:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
     else:
         typer.echo(f"report: {summary['output_dir']}/report.md")
-        typer.echo(f"held-out log p: {summary['metrics']['heldout_log_prob']:.2f} nats per face")
+        heldout = summary["metrics"]["heldout_log_prob"]  # a string when not finite
+        typer.echo(f"held-out log p: {heldout if isinstance(heldout, str) else f'{heldout:.2f}'} nats per face")
         for task_name, state in summary["tasks"].items():
             typer.echo(f"  {task_name:<18} {state}")
 

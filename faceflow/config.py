@@ -172,7 +172,9 @@ class FaceflowConfig(_Section):
 
     @model_validator(mode="after")
     def _components_fit_the_data(self) -> FaceflowConfig:
-        limit = min(self.data.n_fit_images, N_PIXELS)
+        # Centred data of n images has rank n - 1; couplings need an even count.
+        limit = min(self.data.n_fit_images - 1, N_PIXELS)
+        limit -= limit % 2
         wanted = self.pca.n_components
         if wanted is not None and wanted > limit:
             raise ValueError(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from artifacts.publish import json_safe
 from faceflow.config import FaceflowConfig
 from flows.pipeline import faceflow_pipeline
 
@@ -20,10 +20,6 @@ def task_states(flow_run_id: UUID) -> dict[str, str]:
     return {run.name.rsplit("-", 1)[0]: run.state.name if run.state else "Unknown" for run in runs}
 
 
-def _finite_or_text(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
-
-
 def run_pipeline(config: FaceflowConfig) -> dict[str, Any]:
     """Run the flow once; raise if it fails."""
     state = faceflow_pipeline(config=config, return_state=True)
@@ -32,6 +28,6 @@ def run_pipeline(config: FaceflowConfig) -> dict[str, Any]:
     return {
         "flow_run_id": str(flow_run_id),
         "output_dir": str(result.folder),
-        "metrics": {name: _finite_or_text(value) for name, value in result.metrics.items()},
+        "metrics": {name: json_safe(value) for name, value in result.metrics.items()},
         "tasks": task_states(flow_run_id),
     }

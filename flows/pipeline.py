@@ -21,26 +21,27 @@ from tasks.train import build_dataloader, train_realnvp
 
 def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
     """Where this configuration's outputs live: named by what determines them, not by the process."""
-    identity = content_key(config.model_copy(update={"output_dir": Path(".")}), data_file, project_source_digest())
+    # Neither where outputs go nor how many threads compute them changes what they are.
+    identity = content_key(config.model_copy(update={"output_dir": Path("."), "threads": 1}), data_file, project_source_digest())
     return config.output_dir / f"run-{identity[:12]}"
 
 
 @flow(name="faceflow", persist_result=True)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> RunReport:
     """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
-    resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
+    device = resolve_device(config.train.device).type  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     run_folder = run_folder_for(config, data_file)
     with limited_threads(config.threads):
-        return _run_tasks(config, data_file, run_folder)
+        return _run_tasks(config, data_file, run_folder, device)
 
 
-def _run_tasks(config: FaceflowConfig, data_file: Path | None, run_folder: Path) -> RunReport:
+def _run_tasks(config: FaceflowConfig, data_file: Path | None, run_folder: Path, device: str) -> RunReport:
     faces = fetch_faces(data_file)
     split = split_faces(faces, config.data)
     pca = fit_pca(faces, split, config.pca)
     batches = build_dataloader(pca, split, config.train, config.seed)
-    trained = train_realnvp(batches, config.train, config.seed)
+    trained = train_realnvp(batches, config.train, config.seed, device)
     baselines = fit_baselines(pca, split, config.baselines, config.seed)
     samples = sample_faces(trained, pca, faces, split, config.sample, config.seed)
     scores = score_log_prob(trained, pca, faces, split, samples)

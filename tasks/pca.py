@@ -47,7 +47,8 @@ def choose_n_components(cumulative_variance: np.ndarray, config: PCAConfig) -> t
         return from_target, config.n_components
     chosen = nearest_power_of_two(from_target) if config.round_to_power_of_two else from_target
     chosen += chosen % 2  # coupling layers split the coordinates in two equal halves
-    return from_target, min(chosen, len(cumulative_variance) - len(cumulative_variance) % 2)
+    rank = len(cumulative_variance) - 1  # centred data of n images has rank n - 1 at most
+    return from_target, min(chosen, rank - rank % 2)
 
 
 def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:

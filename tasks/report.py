@@ -14,7 +14,7 @@ import torch
 from prefect import task
 
 from artifacts import figures
-from artifacts.publish import publish_artifacts, write_run_folder
+from artifacts.publish import json_safe, publish_artifacts, write_run_folder
 from artifacts.report import FIGURES, comparison_table, conclusions, report_markdown
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import FaceflowConfig
@@ -32,6 +32,14 @@ class RunReport:
     key: str
     folder: Path
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RenderedReport:
+    """The report as the Prefect UI shows it: markdown with embedded figures, and the quality table."""
+
+    markdown: str
+    comparison: pd.DataFrame
 
 
 def run_metrics(
@@ -118,8 +126,8 @@ def _checkpoint_bytes(trained: TrainedFlow) -> bytes:
 def write_report(
     run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces,
     scores: Scores, interpolation: Interpolation, baselines: Baselines, config: FaceflowConfig,
-) -> RunReport:
-    """Build the report, publish it as Prefect artifacts and write the run folder."""
+) -> tuple[RunReport, RenderedReport]:
+    """Build the report and write the run folder; returns what the artifacts show."""
     metrics = run_metrics(trained, pca, scores, samples, baselines)
     baseline_table = baseline_frame(baselines, pca.n_components)
     comparison = comparison_table(metrics, baseline_table)
@@ -131,7 +139,7 @@ def write_report(
     )
     files = {FIGURES[name]: png for name, png in pngs.items()} | {
         "report.md": on_disk.encode(),
-        "metrics.json": json.dumps(metrics, indent=1).encode(),
+        "metrics.json": json.dumps({k: json_safe(v) for k, v in metrics.items()}, indent=1).encode(),
         "config.json": config.model_dump_json(indent=1).encode(),
         "split.json": split.to_json().encode(),
         "scores.csv": scores.table.to_csv(index=False).encode(),
@@ -140,8 +148,8 @@ def write_report(
         "model.pt": _checkpoint_bytes(trained),
     }
     write_run_folder(run_folder, files)
-    publish_artifacts(embedded, comparison, scores.table, metrics)
-    return RunReport(content_key("report", run_folder, trained, samples, scores, interpolation, baselines), run_folder, metrics)
+    result = RunReport(content_key("report", run_folder, trained, samples, scores, interpolation, baselines), run_folder, metrics)
+    return result, RenderedReport(embedded, comparison)
 
 
 @task(name="report", cache_policy=KEYED_INPUTS, persist_result=True)
@@ -150,4 +158,6 @@ def report(
     scores: Scores, interpolation: Interpolation, baselines: Baselines, config: FaceflowConfig,
 ) -> RunReport:
     """report.md with figures, artifacts in Prefect, and the model files in the run folder."""
-    return write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    result, rendered = write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    publish_artifacts(rendered.markdown, rendered.comparison, scores.table, result.metrics)
+    return result

@@ -26,8 +26,10 @@ class Scores:
     dim: int
 
     def mean_log_prob(self, part: str) -> float:
-        """Mean in nats per face; -inf when any face's log p is not finite."""
+        """Mean in nats per face; -inf when any face's log p is not finite, nan for an empty part."""
         values = self.table.loc[self.table["part"] == part, "log_prob"].to_numpy()
+        if not len(values):
+            return math.nan
         return float(values.mean()) if np.isfinite(values).all() else -math.inf
 
     def nonfinite(self, part: str) -> int:

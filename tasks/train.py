@@ -126,16 +126,18 @@ def train_flow(
     config: TrainConfig,
     seed: int,
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
+    device: str | None = None,
 ) -> TrainedFlow:
     """Fit by maximum likelihood; keep the weights with the best validation log p.
 
     The loop reads the DataLoader's tensor and generator once and slices shuffled batches
     itself: per-item collation would cost more than the small networks' compute.
     """
-    device = resolve_device(config.device)
+    device = torch.device(device) if device else resolve_device(config.device)
     data = batches.loader.dataset.tensors[0].to(device)
     validation = batches.validation.to(device)
-    generator = batches.loader.generator
+    # A copy: the loader may be a cached result shared by later runs in this process.
+    generator = torch.Generator().set_state(batches.loader.generator.get_state())
     batch_size = batches.loader.batch_size
     clean = data[torch.isfinite(data).all(1)]
     mean, std = clean.mean(0), clean.std(0)
@@ -220,10 +222,13 @@ def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: in
 
 
 @task(name="train_realnvp", cache_policy=KEYED_INPUTS, persist_result=True)
-def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int) -> TrainedFlow:
-    """RealNVP by maximum likelihood, with a terminal progress bar and a Prefect progress artifact."""
+def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: str) -> TrainedFlow:
+    """RealNVP by maximum likelihood, with a terminal progress bar and a Prefect progress artifact.
+
+    ``device`` is the resolved one ("cpu", "cuda"), so a GPU and a CPU run never share a cache key.
+    """
     from artifacts.progress import TrainingProgress
 
     with TrainingProgress(config.epochs) as progress:
-        trained = train_flow(batches, config, seed, on_epoch=progress.update)
-    return dataclasses.replace(trained, key=content_key("trained", batches, config, seed))
+        trained = train_flow(batches, config, seed, on_epoch=progress.update, device=device)
+    return dataclasses.replace(trained, key=content_key("trained", batches, config, seed, device))

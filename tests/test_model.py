@@ -36,20 +36,30 @@ def test_inverse_of_forward_is_identity() -> None:
     assert x.shape == z.shape and x.dtype == torch.float32
 
 
-def test_log_prob_is_normalised_change_of_variables() -> None:
+def test_sampling_and_scoring_agree_on_the_density() -> None:
     model = _model()
-    x = torch.randn(10, DIM)
     with torch.no_grad():
-        z, log_det = model.inverse_and_log_det(x)
-        expected = model.q0.log_prob(z) + log_det
-        torch.testing.assert_close(model.log_prob(x), expected)
+        x, log_q = model.sample(64)  # density tracked along the forward (sampling) direction
+        torch.testing.assert_close(model.log_prob(x), log_q, atol=1e-3, rtol=1e-4)
 
 
 def test_whitening_is_frozen_and_its_scale_enters_log_prob() -> None:
     model = _model()
     whitening = model.flows[-1]
     assert not any(p.requires_grad for p in whitening.parameters())
-    torch.testing.assert_close(whitening.s.exp().squeeze(), torch.linspace(0.5, 2, DIM, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    std = torch.linspace(0.5, 2, DIM, dtype=torch.float32)
+    torch.testing.assert_close(whitening.s.exp().squeeze(), std, rtol=1e-5, atol=1e-6)
+    # Scaling the data by std costs exactly sum(log std) nats of density.
+    x = torch.randn(6, DIM)
+    mean = torch.linspace(-1, 1, DIM, dtype=torch.float32)
+    with torch.no_grad():
+        whitened_log_p = model.log_prob(x * std + mean) + std.log().sum()
+        inner = torch.zeros(6)
+        z = x
+        for flow in reversed(model.flows[:-1]):
+            z, log_det = flow.inverse(z)
+            inner += log_det
+        torch.testing.assert_close(whitened_log_p, model.q0.log_prob(z) + inner, atol=1e-4, rtol=1e-5)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -42,14 +42,20 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def faceflow_run(server: str, workdir: Path, data_file: Path, *arguments: str) -> dict:
+def faceflow_cli(server: str, workdir: Path, data_file: Path, *arguments: str) -> str:
+    """`faceflow run` in a fresh process against the test server; its stdout."""
     env = os.environ | {"PREFECT_API_URL": server, "FACEFLOW_DATA_FILE": str(data_file)}
     result = subprocess.run(
-        [sys.executable, "-m", "faceflow.cli", "run", "--json", "--output-dir", str(workdir / "outputs"), *arguments],
+        [sys.executable, "-m", "faceflow.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout
+
+
+def faceflow_run(server: str, workdir: Path, data_file: Path, *arguments: str) -> dict:
+    """`faceflow run --json`: the last line of stdout, parsed."""
+    return json.loads(faceflow_cli(server, workdir, data_file, "--json", *arguments).strip().splitlines()[-1])
 
 
 def artifacts_of(server: str, flow_run_id: str) -> dict[str, object]:
@@ -136,3 +142,10 @@ def test_deleted_run_folder_is_written_again(server: str, workdir: Path, data_fi
     again = faceflow_run(server, workdir, data_file, *QUICK)
     assert again["tasks"]["report"] == "Completed" and again["tasks"]["train_realnvp"] == "Cached"
     assert {p.name for p in Path(again["output_dir"]).iterdir()} == RUN_FILES
+
+
+def test_plain_output_says_where_the_report_is(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
+    stdout = faceflow_cli(server, workdir, data_file, *QUICK)
+    assert f"report: {first_run['output_dir']}/report.md" in stdout
+    assert f"held-out log p: {first_run['metrics']['heldout_log_prob']:.2f} nats per face" in stdout
+    assert all(f"{name}" in stdout for name in ALL_TASKS)

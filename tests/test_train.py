@@ -75,3 +75,18 @@ def test_weight_average_follows_the_model_with_its_decay() -> None:
     average.update()
     torch.testing.assert_close(average.module.weight, torch.full((1, 2), 1.2))
     assert average.module.weight.data_ptr() != model.weight.data_ptr()
+
+
+def test_without_validation_the_last_weights_are_kept() -> None:
+    trained = train_flow(_batches(_correlated(64, 0), np.empty((0, 8), dtype=np.float32)),
+                         SMALL.model_copy(update={"epochs": 3}), seed=0)
+    assert trained.best_epoch == 3 and all(h.validation_log_prob is None for h in trained.history)
+
+
+def test_training_leaves_the_loaders_generator_alone() -> None:
+    batches = _batches(_correlated(64, 0), _correlated(16, 1))
+    before = batches.loader.generator.get_state()
+    first = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
+    second = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
+    assert torch.equal(batches.loader.generator.get_state(), before)
+    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
