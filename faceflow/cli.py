@@ -64,10 +64,11 @@ def nested(values: dict[tuple[str, ...], Any]) -> dict[str, Any]:
 def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, naming the config field, its option and what is allowed."""
     lines = ["invalid configuration:"]
+    leaves = {path for path, _ in config_fields()}
     for problem in error.errors():
-        location = [str(part) for part in problem["loc"]]
+        location = tuple(str(part) for part in problem["loc"])
         field = ".".join(location) or "config"
-        option = f" ({option_name(tuple(location))})" if location else ""
+        option = f" ({option_name(location)})" if location in leaves else ""
         lines.append(f"  {field}{option}: {problem['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
