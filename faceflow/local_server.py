@@ -24,14 +24,16 @@ def free_port() -> int:
 def prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
     """Start `prefect server start` with its own PREFECT_HOME; yield its API URL; stop it."""
     port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    api_url = f"http://127.0.0.1:{port}/api"
+    # The UI's pages call the API at PREFECT_UI_API_URL, which defaults to port 4200.
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
     log = (home / "server.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout
         while True:

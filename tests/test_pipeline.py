@@ -149,3 +149,30 @@ def test_plain_output_says_where_the_report_is(server: str, workdir: Path, data_
     assert f"report: {first_run['output_dir']}/report.md" in stdout
     assert f"held-out log p: {first_run['metrics']['heldout_log_prob']:.2f} nats per face" in stdout
     assert all(f"{name}" in stdout for name in ALL_TASKS)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def test_report_artifact_renders_its_figures_in_the_ui(server: str, first_run: dict, tmp_path: Path) -> None:
+    """A real browser opens the report artifact in the Prefect UI: every embedded figure decodes."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), "Debian's chromium is missing: .ci/run installs it (apt-get install chromium)"
+    report = artifacts_of(server, first_run["flow_run_id"])["faceflow-report"]
+    page_url = server.removesuffix("/api") + f"/artifacts/artifact/{report.id}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.goto(page_url, wait_until="networkidle", timeout=60_000)
+            figures = page.locator('img[src^="data:image/png;base64,"]')
+            figures.first.wait_for(timeout=60_000)
+            widths = figures.evaluate_all("images => images.map(image => image.naturalWidth)")
+            assert page.get_by_text("Conclusions").count() >= 1
+            page.screenshot(path=str(tmp_path / "report-artifact.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(widths) == 5 and all(width > 100 for width in widths)
