@@ -41,3 +41,10 @@ def _one_compute_thread():
 
     with limited_threads(1):
         yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The session's Prefect home (database, cached results) goes with the session."""
+    import shutil
+
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
