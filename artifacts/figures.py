@@ -70,9 +70,9 @@ def loss_curve(train_loss: list[float], validation_log_prob: list[float | None],
     axis = figure.subplots()
     epochs = np.arange(1, len(train_loss) + 1)
     axis.plot(epochs, train_loss, label="train NLL (with input noise)", color="tab:blue")
-    validated = [(e, -v if np.isfinite(v) else np.nan) for e, v in zip(epochs, validation_log_prob) if v is not None]
+    validated = [(e, -v if np.isfinite(v) else np.nan) for e, v in zip(epochs, validation_log_prob, strict=True) if v is not None]
     if validated:
-        axis.plot(*zip(*validated), label="validation NLL", color="tab:orange")
+        axis.plot(*zip(*validated, strict=True), label="validation NLL", color="tab:orange")
     axis.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
     axis.set(xlabel="epoch", ylabel="nats per face")
     axis.legend(fontsize=8)

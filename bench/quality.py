@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from faceflow.config import FaceflowConfig
 from tasks.baselines import best_gaussian_mixture, diagonal_gaussian, lab_recipe

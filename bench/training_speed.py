@@ -44,7 +44,7 @@ def compute_floor_steps_per_second(coords: np.ndarray, config: TrainConfig = EQU
     steps = config.epochs * math.ceil(len(data) / config.batch_size)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         batch = data[torch.randint(len(data), (config.batch_size,), generator=generator), : dim // 2]
         loss = sum(net(batch).square().mean() for net in nets)
         optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,6 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
 import typer
@@ -86,7 +85,7 @@ def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
         return build_config({paths[name]: value for name, value in options.items()})
     except ValidationError as error:
         typer.echo(describe_validation_error(error), err=True)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=2) from None
 
 
 def _run(**options: Any) -> None:
@@ -101,7 +100,7 @@ def _run(**options: Any) -> None:
         summary = run_pipeline(config)
     except Exception as error:  # the flow already logged the traceback
         typer.echo(f"faceflow run failed: {error}", err=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
     if as_json:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
     else:

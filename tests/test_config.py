@@ -60,7 +60,7 @@ def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_help_lists_every_option_with_defaults(tmp_path: Path) -> None:
     result = _cli("run", "--help", cwd=tmp_path)
     assert result.returncode == 0
-    for path, info in config_fields():
+    for path, _ in config_fields():
         assert option_name(path) in result.stdout
     assert f"default: ({FaceflowConfig().train.epochs})" in result.stdout
 
