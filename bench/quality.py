@@ -36,7 +36,7 @@ def quality_table(data_file: Path, seeds: tuple[int, ...] = (0, 1, 2), split_see
         for seed in seeds:
             batches = make_batches(pca, split, config.train, seed)
             trained = train_flow(batches, config.train, seed)
-            heldout_log_prob = float(flow_log_prob(trained, pca.coords[split.heldout]).mean())
+            heldout_log_prob = float(flow_log_prob(trained.model(), pca.coords[split.heldout]).mean())
             rows.append({"method": "faceflow default", "split_seed": split_seed, "seed": seed,
                          "heldout_log_prob": heldout_log_prob, "bits_per_dim": bits_per_dim(heldout_log_prob, dim),
                          "train_seconds": trained.seconds})

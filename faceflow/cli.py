@@ -88,7 +88,8 @@ def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
         raise typer.Exit(code=2) from None
 
 
-def _run(**options: Any) -> None:
+def run(**options: Any) -> None:
+    """Run the whole pipeline: fetch, PCA, train, sample, score, interpolate, report."""
     as_json = options.pop("json_output")
     config = _validated_config(options)
     booting = boot_temporary_server_early()
@@ -133,11 +134,6 @@ def _config_signature(with_json: bool) -> inspect.Signature:
             inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, json_option])
         )
     return inspect.Signature(parameters)
-
-
-def run(**options: Any) -> None:
-    """Run the whole pipeline: fetch, PCA, train, sample, score, interpolate, report."""
-    _run(**options)
 
 
 run.__signature__ = _config_signature(with_json=True)  # type: ignore[attr-defined]

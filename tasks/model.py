@@ -61,13 +61,26 @@ def trainable_parameters(model: nf.NormalizingFlow) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def checkpoint_payload(model: nf.NormalizingFlow, spec: ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
+def rebuild_realnvp(spec: ModelSpec, state_dict: dict[str, torch.Tensor], device: str = "cpu") -> nf.NormalizingFlow:
+    """The flow ``spec`` describes, carrying ``state_dict``'s weights, in eval mode.
+
+    The whitening statistics are part of the state, so placeholders suffice to build it.
+    """
+    ones = np.ones(spec.dim, dtype=np.float32)
+    model = build_realnvp(spec, mean=ones * 0, std=ones)
+    model.load_state_dict(state_dict)
+    return model.to(device).eval()
+
+
+def checkpoint_payload(
+    state_dict: dict[str, torch.Tensor], spec: ModelSpec, config: dict[str, Any]
+) -> dict[str, Any]:
     """Weights + the spec and config that built them: enough to rebuild the model alone."""
     return {
         "format": CHECKPOINT_FORMAT,
         "spec": asdict(spec),
         "config": config,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
 
 
@@ -89,11 +102,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow
     payload = torch.load(path, map_location=device, weights_only=True)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a faceflow checkpoint (format {payload.get('format')!r})")
-    spec = ModelSpec(**payload["spec"])
-    ones = np.ones(spec.dim, dtype=np.float32)
-    model = build_realnvp(spec, mean=ones * 0, std=ones)
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval(), payload["config"]
+    return rebuild_realnvp(ModelSpec(**payload["spec"]), payload["state_dict"], device), payload["config"]
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -119,7 +119,7 @@ def _joblib_bytes(value: object) -> bytes:
 
 def _checkpoint_bytes(trained: TrainedFlow) -> bytes:
     buffer = io.BytesIO()
-    torch.save(checkpoint_payload(trained.model(), trained.spec, trained.config), buffer)
+    torch.save(checkpoint_payload(trained.state_dict, trained.spec, trained.config), buffer)
     return buffer.getvalue()
 
 

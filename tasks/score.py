@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import normflows as nf
 import numpy as np
 import pandas as pd
 import torch
@@ -42,10 +43,10 @@ def bits_per_dim(log_prob: float, dim: int) -> float:
     return -log_prob / (dim * math.log(2))
 
 
-def flow_log_prob(trained: TrainedFlow, coords: np.ndarray) -> np.ndarray:
-    """log p of PCA coordinates under the trained flow, in nats; non-finite values kept as -inf."""
+def flow_log_prob(model: nf.NormalizingFlow, coords: np.ndarray) -> np.ndarray:
+    """log p of PCA coordinates under a flow, in nats; non-finite values kept as -inf."""
     with torch.no_grad():
-        log_p = trained.model().log_prob(torch.from_numpy(np.asarray(coords, dtype=np.float32)))
+        log_p = model.log_prob(torch.from_numpy(np.asarray(coords, dtype=np.float32)))
     values = log_p.double().numpy()
     return np.where(np.isfinite(values), values, -np.inf)
 
@@ -54,6 +55,7 @@ def score_faces(
     trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, samples: GeneratedFaces
 ) -> Scores:
     """Score every real face by its part of the split, and every generated sample."""
+    model = trained.model()
     frames = []
     for part, index in (("fit", split.fit), ("validation", split.validation), ("heldout", split.heldout)):
         frames.append(
@@ -62,7 +64,7 @@ def score_faces(
                     "part": part,
                     "index": index,
                     "person": faces.target[index],
-                    "log_prob": flow_log_prob(trained, pca.coords[index]),
+                    "log_prob": flow_log_prob(model, pca.coords[index]),
                 }
             )
         )
@@ -72,7 +74,7 @@ def score_faces(
                 "part": "sample",
                 "index": np.arange(len(samples.coords)),
                 "person": -1,
-                "log_prob": flow_log_prob(trained, samples.coords),
+                "log_prob": flow_log_prob(model, samples.coords),
             }
         )
     )

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import normflows as nf
-import numpy as np
 import torch
 from prefect import task
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import TrainConfig
 from tasks.data import Split
-from tasks.model import ModelSpec, build_realnvp, resolve_device, trainable_parameters
+from tasks.model import ModelSpec, build_realnvp, rebuild_realnvp, resolve_device, trainable_parameters
 from tasks.pca import FittedPCA
 
 
@@ -60,10 +59,7 @@ class TrainedFlow:
 
     def model(self, device: str = "cpu") -> nf.NormalizingFlow:
         """A fresh model in eval mode carrying the trained weights."""
-        ones = np.ones(self.spec.dim, dtype=np.float32)
-        model = build_realnvp(self.spec, mean=ones * 0, std=ones)
-        model.load_state_dict(self.state_dict)
-        return model.to(device).eval()
+        return rebuild_realnvp(self.spec, self.state_dict, device)
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -115,9 +111,12 @@ def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -
 
 
 def mean_log_prob(model: nf.NormalizingFlow, coords: torch.Tensor) -> float:
-    """Mean log-density in nats; -inf if any face's is not finite."""
+    """Mean log-density in nats; -inf if any face's is not finite. Leaves the model's mode as it was."""
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         log_p = model.log_prob(coords)
+    model.train(was_training)
     return float(log_p.mean()) if bool(torch.isfinite(log_p).all()) else -math.inf
 
 
@@ -161,8 +160,8 @@ def train_flow(
     history: list[EpochStats] = []
     nonfinite = steps = 0
     started = time.perf_counter()
+    model.train()
     for epoch in range(1, config.epochs + 1):
-        model.train()
         order = torch.randperm(len(data), generator=generator).to(device)
         epoch_loss, finite_batches = 0.0, 0
         for start in range(0, len(data), batch_size):
@@ -172,20 +171,17 @@ def train_flow(
             batch = batch + noise_scale * torch.randn_like(batch)
             loss = -model.log_prob(batch).mean()
             steps += 1
-            if not torch.isfinite(loss):
-                nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+                if averaged is not None:
+                    averaged.update()
+                epoch_loss += loss.item()
+                finite_batches += 1
+            else:
+                nonfinite += 1
             scheduler.step()
-            if averaged is not None:
-                averaged.update()
-            epoch_loss += loss.item()
-            finite_batches += 1
-        evaluated.eval()
         validating = len(validation) and (epoch % validate_every == 0 or epoch == config.epochs)
         validation_score = mean_log_prob(evaluated, validation) if validating else None
         stats = EpochStats(

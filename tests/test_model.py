@@ -65,7 +65,7 @@ def test_whitening_is_frozen_and_its_scale_enters_log_prob() -> None:
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _model()
     path = tmp_path / "model.pt"
-    save_checkpoint(path, checkpoint_payload(model, ModelSpec(DIM, 3, 16), {"epochs": 7}))
+    save_checkpoint(path, checkpoint_payload(model.state_dict(), ModelSpec(DIM, 3, 16), {"epochs": 7}))
     restored, config = load_checkpoint(path)
     x = torch.randn(5, DIM)
     with torch.no_grad():
