@@ -84,7 +84,7 @@ class PCAConfig(_Section):
 class TrainConfig(_Section):
     """RealNVP architecture and optimisation."""
 
-    epochs: int = Field(1000, ge=1, le=100_000, description="Passes over the training faces.")
+    epochs: int = Field(700, ge=1, le=100_000, description="Passes over the training faces.")
     batch_size: int = Field(
         280, ge=1, le=4096,
         description="Faces per optimisation step; 280 is every fit face (steps cost little more than at 32).",

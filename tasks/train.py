@@ -144,8 +144,6 @@ def train_flow(
 
     torch.manual_seed(seed)
     model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
-    with torch.no_grad():  # ActNorm's data-dependent init on all clean faces, not one random batch
-        model.log_prob(clean)
     optimizer = make_optimizer(trainable_parameters(model), config)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
