@@ -148,6 +148,8 @@ def train_flow(
     steps_per_epoch = math.ceil(len(data) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     noise_scale = input_noise_scale(std, config)
+    with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
+        model.log_prob(clean + noise_scale * torch.randn_like(clean))
     # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
     averaged = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model

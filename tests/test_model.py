@@ -81,14 +81,26 @@ def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_couplings_alternate_halves_with_one_mixing_layer_after_the_data_side_coupling() -> None:
+def test_couplings_alternate_halves_with_one_interleaving_mix_after_the_data_side_coupling() -> None:
     import normflows as nf
 
     model = _model()
     kinds = [type(block).__name__ for block in model.flows]
-    assert kinds == ["AffineCouplingBlock", "AffineCouplingBlock", "LULinearPermute", "AffineCouplingBlock", "AffineConstFlow"]
+    assert kinds == [
+        "AffineCouplingBlock", "AffineCouplingBlock", "LULinearPermute", "AffineCouplingBlock", "ActNorm", "AffineConstFlow"
+    ]
     modes = [block.flows[0].mode for block in model.flows if isinstance(block, nf.flows.AffineCouplingBlock)]
-    assert modes == ["channel", "channel_inv", "channel"]
-    permutation = model.flows[2].permutation._permutation
-    assert sorted(permutation.tolist()) == list(range(DIM)) and permutation.tolist() != list(range(DIM))
-    assert torch.equal(_model(seed=0).flows[2].permutation._permutation, permutation)  # same seed, same model
+    assert modes == ["channel", "channel_inv", "channel"]  # the data-side coupling is "channel" at any depth
+    with torch.no_grad():  # the mix regroups components: even ones first, then odd ones
+        mixed, _ = model.flows[2].permutation(torch.arange(DIM, dtype=torch.float32)[None])
+    assert mixed.squeeze().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 4])
+def test_any_depth_ends_with_a_channel_coupling_at_the_data_side(num_layers: int) -> None:
+    import normflows as nf
+
+    model = build_realnvp(ModelSpec(dim=DIM, num_layers=num_layers, hidden_units=8), np.zeros(DIM), np.ones(DIM))
+    couplings = [block for block in model.flows if isinstance(block, nf.flows.AffineCouplingBlock)]
+    assert len(couplings) == num_layers and couplings[-1].flows[0].mode == "channel"
+    assert sum(isinstance(block, nf.flows.LULinearPermute) for block in model.flows) == min(1, num_layers - 1)
