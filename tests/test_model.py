@@ -16,8 +16,9 @@ DIM = 8
 def _model(seed: int = 0):
     torch.manual_seed(seed)
     model = build_realnvp(ModelSpec(dim=DIM, num_layers=3, hidden_units=16), np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM))
-    # Random last-layer weights so the couplings are not the identity they start as.
     with torch.no_grad():
+        model.log_prob(torch.randn(32, DIM))  # ActNorm's data-dependent init, before the perturbation
+        # Random weights everywhere so the couplings, mix and ActNorm are not the identity they start as.
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn_like(parameter))
@@ -65,7 +66,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _model()
     path = tmp_path / "model.pt"
     save_checkpoint(path, checkpoint_payload(model.state_dict(), ModelSpec(DIM, 3, 16), {"epochs": 7}))
-    torch.manual_seed(123)  # the rebuild draws another permutation; the checkpoint's must win
+    torch.manual_seed(123)  # the rebuild draws other initial weights; the checkpoint's must win
     restored, config = load_checkpoint(path)
     x = torch.randn(5, DIM)
     with torch.no_grad():

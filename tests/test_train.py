@@ -90,3 +90,16 @@ def test_training_leaves_the_loaders_generator_alone() -> None:
     second = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
     assert torch.equal(batches.loader.generator.get_state(), before)
     assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+
+
+def test_actnorm_is_initialised_from_fit_faces_only_and_the_averaged_copy_shares_it() -> None:
+    """Validation faces choose the kept epoch, nothing else: far-off validation faces change no weight."""
+    config = SMALL.model_copy(update={"epochs": 1, "input_noise": 0.3})
+    fit = _correlated(128, 0)
+    kept = [train_flow(_batches(fit, validation), config, seed=0).state_dict
+            for validation in (_correlated(64, 1), _correlated(64, 1) * 50 + 100)]
+    assert kept[0].keys() == kept[1].keys()
+    for name in kept[0]:
+        torch.testing.assert_close(kept[0][name], kept[1][name], rtol=0, atol=0, msg=name)
+    actnorm = [name for name in kept[0] if name.endswith("data_dep_init_done")]
+    assert actnorm and all(bool(kept[0][name]) for name in actnorm)
