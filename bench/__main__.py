@@ -15,6 +15,7 @@ import torch
 
 from bench import flow_runs, quality, training_speed
 from faceflow.config import FaceflowConfig
+from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
 from tasks.data import load_faces
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
     arguments = parser.parse_args()
-    data_file = Path(os.environ.get("FACEFLOW_DATA_FILE") or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat")
+    data_file = data_file_from_environment() or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat"
     report: dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
 
     print("lab plain script (150 epochs) ...", flush=True)

@@ -9,23 +9,22 @@ Prints one JSON line: training seconds, steps, steps per second.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 
 def main() -> None:
     import numpy as np
-    import scipy.io
     import torch
     from sklearn.decomposition import PCA
 
+    from faceflow.settings import data_file_from_environment
+    from tasks.data import read_olivetti_mat
     from tasks.lab_recipe import LAB_EPOCHS, train_lab_recipe
 
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else LAB_EPOCHS
-    faces = scipy.io.loadmat(os.environ["FACEFLOW_DATA_FILE"])["faces"].T.astype(np.float32)
-    faces -= faces.min()
-    faces /= faces.max()
+    images, _ = read_olivetti_mat(data_file_from_environment())  # as the notebook's fetch_olivetti_faces
+    faces = images.reshape(len(images), -1)
     coords = PCA(n_components=64, svd_solver="full").fit_transform(faces).astype(np.float32)
 
     started = time.perf_counter()

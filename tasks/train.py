@@ -170,14 +170,15 @@ def train_flow(
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn_like(batch)
             loss = -model.log_prob(batch).mean()
+            loss_value = loss.item()  # one read of the loss per step, for the check and the mean
             steps += 1
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if math.isfinite(loss_value):
                 loss.backward()
                 optimizer.step()
                 if averaged is not None:
                     averaged.update()
-                epoch_loss += loss.item()
+                epoch_loss += loss_value
                 finite_batches += 1
             else:
                 nonfinite += 1
