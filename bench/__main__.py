@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from faceflow.threads import limited_threads
 from tasks.data import load_faces
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Every timed figure on either side of a ratio is the best of this many runs (the training
+# steps/s of three): these shared machines swing by 20%, and outside load only adds time.
+REPEATS = 2
+SPEED_ROUNDS = 3
 
 TARGETS = [
     # (figure, numerator, denominator, comparison, target)
@@ -45,6 +50,41 @@ def all_coords(data_file: Path) -> np.ndarray:
     from sklearn.decomposition import PCA
 
     return PCA(64, svd_solver="full").fit_transform(load_faces(data_file).flat).astype(np.float32)
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The first run's record with the best wall time, training speed and peak memory of all runs.
+
+    Best is fastest for time but largest for memory: memory does not depend on the machine's load.
+    """
+    best = dict(runs[0])
+    best["wall_seconds"] = min(run["wall_seconds"] for run in runs)
+    best["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
+    if "steps_per_second" in best:
+        best["steps_per_second"] = max(run["steps_per_second"] for run in runs)
+        best["train_seconds"] = min(run["train_seconds"] for run in runs)
+    best["all_wall_seconds"] = [run["wall_seconds"] for run in runs]
+    return best
+
+
+def first_use_cold_run(data_file: Path) -> dict:
+    """A cold run in a new PREFECT_HOME: the run also creates and migrates Prefect's database."""
+    with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as first_use:
+        return flow_runs.cold_run(Path(first_use), data_file)
+
+
+def existing_database_cold_run(scratch: Path, data_file: Path, attempt: int) -> dict:
+    """A cold run in its own directory: a copy of one migrated database, empty result storage.
+
+    Each run gets its own PREFECT_HOME because the result storage lives there: a shared one
+    would hand the second run the first one's cached results.
+    """
+    migrated = scratch / "migrated-prefect-home"
+    if not migrated.exists():
+        flow_runs.prepare_database(migrated)
+    workdir = scratch / f"run-{attempt}"
+    shutil.copytree(migrated, workdir / "prefect")
+    return flow_runs.cold_run(workdir, data_file)
 
 
 def check_targets(figures: dict[str, float]) -> list[dict]:
@@ -78,27 +118,24 @@ def main() -> None:
     data_file = data_file_from_environment() or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat"
     report: dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
 
-    print("lab plain script (150 epochs) ...", flush=True)
-    lab = flow_runs.lab_script(data_file)
+    print(f"lab plain script (150 epochs), best of {REPEATS} ...", flush=True)
+    lab = best_of([flow_runs.lab_script(data_file) for _ in range(REPEATS)])
     coords = all_coords(data_file)
     threads = FaceflowConfig().threads
-    print("project training loop and compute floor, 1 and 2 threads ...", flush=True)
+    print(f"project training loop and compute floor in turns, best of {SPEED_ROUNDS}, 1 and 2 threads ...", flush=True)
     speed = {}
     for count in (1, 2):
         with limited_threads(count):
-            speed[count] = {"project": training_speed.project_steps_per_second(coords),
-                            "floor": training_speed.compute_floor_steps_per_second(coords)}
+            speed[count] = training_speed.alternating_best(coords, SPEED_ROUNDS)
     # Batch-32 steps of these small networks run fastest on one thread; compare at that count.
     project, floor = speed[1]["project"], speed[1]["floor"]
-    with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as first_use:
-        print("cold flow run, first use (Prefect database created and migrated too) ...", flush=True)
-        cold_first_use = flow_runs.cold_run(Path(first_use), data_file)
+    print(f"cold flow runs, first use (Prefect database created and migrated too), best of {REPEATS} ...", flush=True)
+    cold_first_use = best_of([first_use_cold_run(data_file) for _ in range(REPEATS)])
     with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as scratch:
-        flow_runs.prepare_database(Path(scratch) / "prefect")
-        print("cold flow run (existing Prefect database, empty result storage) ...", flush=True)
-        cold = flow_runs.cold_run(Path(scratch), data_file)
+        print(f"cold flow runs (existing Prefect database, empty result storage), best of {REPEATS} ...", flush=True)
+        cold = best_of([existing_database_cold_run(Path(scratch), data_file, attempt) for attempt in range(REPEATS)])
         print("cached re-runs against one server ...", flush=True)
-        reruns = flow_runs.cached_reruns(Path(scratch), data_file)
+        reruns = flow_runs.cached_reruns(Path(scratch) / "run-0", data_file)
 
     figures = {
         "lab_wall_seconds": lab["wall_seconds"], "lab_train_seconds": lab["train_seconds"],

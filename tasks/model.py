@@ -12,7 +12,7 @@ import normflows as nf
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = "faceflow-realnvp/2"  # /2: one LULinearPermute, one ActNorm
+CHECKPOINT_FORMAT = "faceflow-realnvp/3"  # /3: couplings chained on the split halves, one Split/Merge per run
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,21 @@ class ModelSpec:
     dim: int
     num_layers: int
     hidden_units: int
+
+
+class SwapHalves(nf.flows.Flow):
+    """Exchange the two halves of a split tensor, so the next coupling transforms the other half.
+
+    Volume-preserving; the only glue between chained couplings, where ``AffineCouplingBlock``
+    would concatenate the halves and split them again around every coupling.
+    """
+
+    def forward(self, z: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        first, second = z
+        return [second, first], 0
+
+    def inverse(self, z: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        return self.forward(z)
 
 
 def build_realnvp(spec: ModelSpec, mean: np.ndarray, std: np.ndarray) -> nf.NormalizingFlow:
@@ -41,20 +56,32 @@ def build_realnvp(spec: ModelSpec, mean: np.ndarray, std: np.ndarray) -> nf.Norm
     couplings and the whitening, gives the whitened inputs a learned per-component affine map;
     an ActNorm after every coupling measured no better and costs 17% of a step at the lab's
     depth (docs/quality.md, docs/benchmarks.md).
+
+    Couplings are normflows' ``AffineCoupling`` on a pair of halves: a run of them sits between
+    one ``Split`` and one ``Merge``, with ``SwapHalves`` alternating which half is transformed.
+    That is the same function as one ``AffineCouplingBlock`` per coupling (each a split, the
+    coupling and a merge), without concatenating and re-splitting between couplings: 10% of a
+    step at the lab's shape (docs/benchmarks.md).
     """
-    half = spec.dim // 2
-    flows: list[nf.flows.Flow] = []
+    modes = _split_modes(spec.num_layers)
+    flows: list[nf.flows.Flow] = [nf.flows.Split(modes[0])]
     for layer in range(spec.num_layers):
-        if layer == spec.num_layers - 1 and layer > 0:
-            flows.append(_interleaving_mix(spec.dim))
-        coupling_net = nf.nets.MLP([half, spec.hidden_units, spec.hidden_units, spec.dim], init_zeros=True)
-        # Alternating which half conditions the other does what a swap Permute between
-        # blocks would, without the extra slicing and concatenation on every step.
-        split_mode = "channel" if (spec.num_layers - 1 - layer) % 2 == 0 else "channel_inv"
-        flows.append(nf.flows.AffineCouplingBlock(coupling_net, scale_map="exp", split_mode=split_mode))
-    flows.append(nf.flows.ActNorm(spec.dim))
-    flows.append(_whitening_inverse(mean, std))
+        if layer == spec.num_layers - 1 and layer > 0:  # the mix needs the whole vector
+            flows += [nf.flows.Merge(modes[layer - 1]), _interleaving_mix(spec.dim), nf.flows.Split(modes[layer])]
+        elif layer > 0:
+            flows.append(SwapHalves())
+        coupling_net = nf.nets.MLP([spec.dim // 2, spec.hidden_units, spec.hidden_units, spec.dim], init_zeros=True)
+        flows.append(nf.flows.AffineCoupling(coupling_net, scale_map="exp"))
+    flows += [nf.flows.Merge(modes[-1]), nf.flows.ActNorm(spec.dim), _whitening_inverse(mean, std)]
     return nf.NormalizingFlow(nf.distributions.DiagGaussian(spec.dim), flows)
+
+
+def _split_modes(num_layers: int) -> list[str]:
+    """Each coupling's split, base side first: "channel" transforms the trailing half given the leading one.
+
+    The data-side coupling is "channel" at any depth, and they alternate from there.
+    """
+    return ["channel" if (num_layers - 1 - layer) % 2 == 0 else "channel_inv" for layer in range(num_layers)]
 
 
 def _interleaving_mix(dim: int) -> nf.flows.LULinearPermute:
@@ -124,8 +151,14 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
     """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config)."""
     payload = torch.load(path, map_location=device, weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a faceflow checkpoint (format {payload.get('format')!r})")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/"):
+            raise ValueError(
+                f"{str(path)!r} holds a faceflow model of format {found!r}; this version reads {CHECKPOINT_FORMAT!r}:"
+                " retrain it with `faceflow run`"
+            )
+        raise ValueError(f"{str(path)!r} is not a faceflow checkpoint (format {found!r})")
     return rebuild_realnvp(ModelSpec(**payload["spec"]), payload["state_dict"], device), payload["config"]
 
 

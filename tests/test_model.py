@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import normflows as nf
 import numpy as np
 import pytest
 import torch
@@ -83,25 +84,52 @@ def test_loading_something_else_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_couplings_alternate_halves_with_one_interleaving_mix_after_the_data_side_coupling() -> None:
-    import normflows as nf
-
     model = _model()
-    kinds = [type(block).__name__ for block in model.flows]
+    kinds = [type(flow).__name__ for flow in model.flows]
     assert kinds == [
-        "AffineCouplingBlock", "AffineCouplingBlock", "LULinearPermute", "AffineCouplingBlock", "ActNorm", "AffineConstFlow"
+        "Split", "AffineCoupling", "SwapHalves", "AffineCoupling", "Merge",
+        "LULinearPermute", "Split", "AffineCoupling", "Merge", "ActNorm", "AffineConstFlow",
     ]
-    modes = [block.flows[0].mode for block in model.flows if isinstance(block, nf.flows.AffineCouplingBlock)]
-    assert modes == ["channel", "channel_inv", "channel"]  # the data-side coupling is "channel" at any depth
+    assert model.flows[6].mode == "channel"  # the data-side coupling transforms the trailing half
     with torch.no_grad():  # the mix regroups components: even ones first, then odd ones
-        mixed, _ = model.flows[2].permutation(torch.arange(DIM, dtype=torch.float32)[None])
+        mixed, _ = model.flows[5].permutation(torch.arange(DIM, dtype=torch.float32)[None])
     assert mixed.squeeze().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-@pytest.mark.parametrize("num_layers", [1, 2, 4])
-def test_any_depth_ends_with_a_channel_coupling_at_the_data_side(num_layers: int) -> None:
-    import normflows as nf
+def _one_block_per_coupling(num_layers: int) -> nf.NormalizingFlow:
+    """The same model written with one normflows AffineCouplingBlock per coupling: the reference."""
+    flows: list[nf.flows.Flow] = []
+    for layer in range(num_layers):
+        if layer == num_layers - 1 and layer > 0:
+            flows.append(nf.flows.LULinearPermute(DIM))
+        mode = "channel" if (num_layers - 1 - layer) % 2 == 0 else "channel_inv"  # data side: "channel"
+        flows.append(nf.flows.AffineCouplingBlock(nf.nets.MLP([DIM // 2, 8, 8, DIM]), split_mode=mode))
+    flows += [nf.flows.ActNorm(DIM), nf.flows.AffineConstFlow((DIM,))]
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM), flows)
 
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
+def test_chained_couplings_compute_what_one_block_per_coupling_computes(num_layers: int) -> None:
     model = build_realnvp(ModelSpec(dim=DIM, num_layers=num_layers, hidden_units=8), np.zeros(DIM), np.ones(DIM))
-    couplings = [block for block in model.flows if isinstance(block, nf.flows.AffineCouplingBlock)]
-    assert len(couplings) == num_layers and couplings[-1].flows[0].mode == "channel"
-    assert sum(isinstance(block, nf.flows.LULinearPermute) for block in model.flows) == min(1, num_layers - 1)
+    reference = _one_block_per_coupling(num_layers)
+    modules = (nf.nets.MLP, nf.flows.LULinearPermute, nf.flows.ActNorm, nf.flows.AffineConstFlow)
+    ours = [m for m in model.modules() if isinstance(m, modules)]
+    theirs = [m for m in reference.modules() if isinstance(m, modules)]
+    assert [type(m) for m in ours] == [type(m) for m in theirs]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mine, other in zip(ours, theirs, strict=True):
+            for parameter in mine.parameters():
+                parameter.normal_(0, 0.3)
+            other.load_state_dict(mine.state_dict())
+        reference.q0.load_state_dict(model.q0.state_dict())
+        x, z = torch.randn(16, DIM), torch.randn(16, DIM)
+        torch.testing.assert_close(model.log_prob(x), reference.log_prob(x))
+        torch.testing.assert_close(model.forward(z), reference.forward(z))
+
+
+def test_an_older_checkpoint_format_asks_for_retraining(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"format": "faceflow-realnvp/2", "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="model.pt.*faceflow-realnvp/2.*retrain"):
+        load_checkpoint(path)
