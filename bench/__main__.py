@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,26 +66,6 @@ def best_of(runs: list[dict]) -> dict:
     return best
 
 
-def first_use_cold_run(data_file: Path) -> dict:
-    """A cold run in a new PREFECT_HOME: the run also creates and migrates Prefect's database."""
-    with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as first_use:
-        return flow_runs.cold_run(Path(first_use), data_file)
-
-
-def existing_database_cold_run(scratch: Path, data_file: Path, attempt: int) -> dict:
-    """A cold run in its own directory: a copy of one migrated database, empty result storage.
-
-    Each run gets its own PREFECT_HOME because the result storage lives there: a shared one
-    would hand the second run the first one's cached results.
-    """
-    migrated = scratch / "migrated-prefect-home"
-    if not migrated.exists():
-        flow_runs.prepare_database(migrated)
-    workdir = scratch / f"run-{attempt}"
-    shutil.copytree(migrated, workdir / "prefect")
-    return flow_runs.cold_run(workdir, data_file)
-
-
 def check_targets(figures: dict[str, float]) -> list[dict]:
     rows = []
     for name, numerator, denominator, comparison, target in TARGETS:
@@ -130,12 +109,15 @@ def main() -> None:
     # Batch-32 steps of these small networks run fastest on one thread; compare at that count.
     project, floor = speed[1]["project"], speed[1]["floor"]
     print(f"cold flow runs, first use (Prefect database created and migrated too), best of {REPEATS} ...", flush=True)
-    cold_first_use = best_of([first_use_cold_run(data_file) for _ in range(REPEATS)])
+    cold_first_use = best_of([flow_runs.first_use_cold_run(data_file) for _ in range(REPEATS)])
     with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as scratch:
         print(f"cold flow runs (existing Prefect database, empty result storage), best of {REPEATS} ...", flush=True)
-        cold = best_of([existing_database_cold_run(Path(scratch), data_file, attempt) for attempt in range(REPEATS)])
+        migrated = Path(scratch) / "migrated-prefect-home"
+        flow_runs.prepare_database(migrated)
+        workdirs = [Path(scratch) / f"run-{attempt}" for attempt in range(REPEATS)]
+        cold = best_of([flow_runs.existing_database_cold_run(migrated, workdir, data_file) for workdir in workdirs])
         print("cached re-runs against one server ...", flush=True)
-        reruns = flow_runs.cached_reruns(Path(scratch) / "run-0", data_file)
+        reruns = flow_runs.cached_reruns(workdirs[0], data_file)
 
     figures = {
         "lab_wall_seconds": lab["wall_seconds"], "lab_train_seconds": lab["train_seconds"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +69,22 @@ def cold_run(workdir: Path, data_file: Path) -> dict:
     return {"wall_seconds": wall, "peak_rss_bytes": peak, "tasks": summary["tasks"], "metrics": summary["metrics"]}
 
 
+def first_use_cold_run(data_file: Path) -> dict:
+    """A cold run in a new PREFECT_HOME: the run also creates and migrates Prefect's database."""
+    with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as first_use:
+        return cold_run(Path(first_use), data_file)
+
+
+def existing_database_cold_run(migrated_home: Path, workdir: Path, data_file: Path) -> dict:
+    """A cold run in ``workdir`` with a copy of an already migrated PREFECT_HOME and empty result storage.
+
+    A copy, not the home itself: result storage lives in PREFECT_HOME, and a shared one would
+    hand a second cold run the first one's cached results.
+    """
+    shutil.copytree(migrated_home, workdir / "prefect")
+    return cold_run(workdir, data_file)
+
+
 RERUN_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
@@ -86,8 +104,9 @@ print(json.dumps(timings))
 
 def cached_reruns(workdir: Path, data_file: Path) -> dict:
     """In one process against one running server: identical re-run, then a downstream-only change."""
-    with prefect_server(workdir) as api_url:
-        env = os.environ | {"PREFECT_HOME": str(workdir / "prefect"), "PREFECT_API_URL": api_url,
+    home = workdir / "prefect"  # the cold run's database and result storage: no second database to migrate
+    with prefect_server(home) as api_url:
+        env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
                             "FACEFLOW_DATA_FILE": str(data_file)}
         result = subprocess.run(
             [sys.executable, "-c", RERUN_SCRIPT, str(workdir / "outputs")], env=env, cwd=workdir,

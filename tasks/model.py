@@ -12,7 +12,8 @@ import normflows as nf
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = "faceflow-realnvp/3"  # /3: couplings chained on the split halves, one Split/Merge per run
+CHECKPOINT_FAMILY = "faceflow-realnvp"
+CHECKPOINT_FORMAT = f"{CHECKPOINT_FAMILY}/3"  # /3: couplings chained on the split halves, one Split/Merge per run
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow
     payload = torch.load(path, map_location=device, weights_only=True)
     found = payload.get("format") if isinstance(payload, dict) else None
     if found != CHECKPOINT_FORMAT:
-        if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.split("/")[0] + "/"):
+        if isinstance(found, str) and found.startswith(f"{CHECKPOINT_FAMILY}/"):
             raise ValueError(
                 f"{str(path)!r} holds a faceflow model of format {found!r}; this version reads {CHECKPOINT_FORMAT!r}:"
                 " retrain it with `faceflow run`"
