@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from faceflow.local_server import prefect_server
+from faceflow.server import local_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def run_and_watch(command: list[str], env: dict[str, str], cwd: Path) -> tuple[f
 def prepare_database(home: Path) -> None:
     """Create and migrate a Prefect database in ``home`` by starting and stopping a server once."""
     home.mkdir(parents=True, exist_ok=True)
-    with prefect_server(home):
+    with local_server(home, timeout=300):
         pass
 
 
@@ -105,7 +105,8 @@ print(json.dumps(timings))
 def cached_reruns(workdir: Path, data_file: Path) -> dict:
     """In one process against one running server: identical re-run, then a downstream-only change."""
     home = workdir / "prefect"  # the cold run's database and result storage: no second database to migrate
-    with prefect_server(home) as api_url:
+    with local_server(home, timeout=300) as running:
+        api_url = running.api_url
         env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
                             "FACEFLOW_DATA_FILE": str(data_file)}
         result = subprocess.run(

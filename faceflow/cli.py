@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
@@ -12,8 +13,8 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from faceflow.config import FaceflowConfig
-from faceflow.local_server import boot_temporary_server_early
-from faceflow.settings import DATA_FILE_VARIABLE
+from faceflow.server import ServerError, api_server
+from faceflow.settings import API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, prefect_home, server_start_timeout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
 
@@ -88,17 +89,33 @@ def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
         raise typer.Exit(code=2) from None
 
 
+def _run_on_a_server(config: FaceflowConfig, start_timeout: float) -> dict[str, Any]:
+    """The flow on the server this PREFECT_HOME uses, started here (and stopped) if none is up."""
+    with api_server(prefect_home()) as server:
+        os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, just below
+        from faceflow.runner import run_pipeline  # torch, scikit-learn, Prefect: seconds that overlap the server's start
+
+        server.wait_until_ready(start_timeout)
+        return run_pipeline(config, server.api_url)
+
+
 def run(**options: Any) -> None:
     """Run the whole pipeline: fetch, PCA, train, sample, score, interpolate, report."""
     as_json = options.pop("json_output")
     config = _validated_config(options)
-    booting = boot_temporary_server_early()
-    from faceflow.runner import run_pipeline
-
-    if booting is not None:
-        booting.join()
     try:
-        summary = run_pipeline(config)
+        start_timeout = server_start_timeout()
+    except SettingError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        summary = _run_on_a_server(config, start_timeout)
+    except ServerError as error:
+        typer.echo(f"faceflow run failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        typer.echo("faceflow run interrupted; the flow run is marked Crashed and the server it started is stopped", err=True)
+        raise typer.Exit(code=130) from None
     except Exception as error:  # the flow already logged the traceback
         typer.echo(f"faceflow run failed: {error}", err=True)
         raise typer.Exit(code=1) from None
@@ -149,9 +166,16 @@ show_config.__signature__ = _config_signature(with_json=False)  # type: ignore[a
 app.command("show-config")(show_config)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # An exception, unlike the default action, unwinds every `with` and `finally`: the flow run
+    # is marked Crashed and the server this command started is stopped.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    # No telemetry leaves the machine unless the user asks for it; the temporary server inherits this.
+    # No telemetry leaves the machine unless the user asks for it; a server started here inherits this.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app()
 
 

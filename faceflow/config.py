@@ -160,8 +160,9 @@ class FaceflowConfig(_Section):
     seed: int = Field(0, ge=0, strict=True, description="Seed of model init, batches and sampling.")
     output_dir: Path = Field(Path("outputs"), description="Folder that receives run folders.")
     threads: int = Field(
-        2, ge=1, le=256,
-        description="CPU threads for torch and BLAS; use 1 when other work shares the cores.",
+        1, ge=1, le=256,
+        description="CPU threads for torch and BLAS. These small networks train as fast on 1 as on 2, "
+        "and more threads than free cores made training up to 100x slower.",
     )
     data: DataConfig = DataConfig()
     pca: PCAConfig = PCAConfig()

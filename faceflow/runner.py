@@ -1,33 +1,42 @@
-"""Run the flow and summarise it: run id, output folder, metrics, each task's final state."""
+"""Run the flow against a given server and summarise it from the run's own result."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
-from uuid import UUID
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from artifacts.publish import json_safe
 from faceflow.config import FaceflowConfig
 from flows.pipeline import faceflow_pipeline
 
 
-def task_states(flow_run_id: UUID) -> dict[str, str]:
-    """Task name -> final state name ("Completed", "Cached", ...), from the Prefect API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name if run.state else "Unknown" for run in runs}
+def flush_to_api() -> None:
+    """Send the logs and events Prefect still holds in memory, before the server may stop."""
+
+    async def drain() -> None:
+        for drained in (APILogWorker.drain_all(), EventsWorker.drain_all()):
+            if inspect.isawaitable(drained):
+                await drained
+
+    run_coro_as_sync(drain())
 
 
-def run_pipeline(config: FaceflowConfig) -> dict[str, Any]:
-    """Run the flow once; raise if it fails."""
-    state = faceflow_pipeline(config=config, return_state=True)
+def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:
+    """Run the flow once, recorded by the server at ``api_url``; raise if it fails."""
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            state = faceflow_pipeline(config=config, return_state=True)
+        finally:
+            flush_to_api()
     result = state.result()  # raises the flow's exception if it failed
-    flow_run_id = state.state_details.flow_run_id
     return {
-        "flow_run_id": str(flow_run_id),
-        "output_dir": str(result.folder),
-        "metrics": {name: json_safe(value) for name, value in result.metrics.items()},
-        "tasks": task_states(flow_run_id),
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "output_dir": str(result.report.folder),
+        "metrics": {name: json_safe(value) for name, value in result.report.metrics.items()},
+        "tasks": result.task_states,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
@@ -9,6 +10,7 @@ from prefect import flow
 from faceflow.caching import content_key, project_source_digest
 from faceflow.config import FaceflowConfig
 from faceflow.threads import limited_threads
+from flows.steps import TaskStates
 from tasks.baselines import fit_baselines
 from tasks.data import fetch_faces, resolve_data_file, split_faces
 from tasks.generate import interpolate_faces, sample_faces
@@ -19,6 +21,14 @@ from tasks.score import score_log_prob
 from tasks.train import build_dataloader, train_realnvp
 
 
+@dataclass(frozen=True)
+class PipelineResult:
+    """The run's report and each task's final state in this run (Completed, Cached, ...)."""
+
+    report: RunReport
+    task_states: dict[str, str]
+
+
 def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
     """Where this configuration's outputs live: named by what determines them, not by the process."""
     # Neither where outputs go nor how many threads compute them changes what they are.
@@ -27,25 +37,27 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
 
 
 @flow(name="faceflow", persist_result=True)
-def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> RunReport:
+def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
     """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
     device = resolve_device(config.train.device).type  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     run_folder = run_folder_for(config, data_file)
+    steps = TaskStates()
     with limited_threads(config.threads):
-        return _run_tasks(config, data_file, run_folder, device)
+        written = _run_tasks(steps, config, data_file, run_folder, device)
+    return PipelineResult(written, steps.names)
 
 
-def _run_tasks(config: FaceflowConfig, data_file: Path | None, run_folder: Path, device: str) -> RunReport:
-    faces = fetch_faces(data_file)
-    split = split_faces(faces, config.data)
-    pca = fit_pca(faces, split, config.pca)
-    batches = build_dataloader(pca, split, config.train, config.seed)
-    trained = train_realnvp(batches, config.train, config.seed, device)
-    baselines = fit_baselines(pca, split, config.baselines, config.seed)
-    samples = sample_faces(trained, pca, faces, split, config.sample, config.seed)
-    scores = score_log_prob(trained, pca, faces, split, samples)
-    interpolation = interpolate_faces(trained, pca, config.interpolate)
+def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None, run_folder: Path, device: str) -> RunReport:
+    faces = steps.run(fetch_faces, data_file)
+    split = steps.run(split_faces, faces, config.data)
+    pca = steps.run(fit_pca, faces, split, config.pca)
+    batches = steps.run(build_dataloader, pca, split, config.train, config.seed)
+    trained = steps.run(train_realnvp, batches, config.train, config.seed, device)
+    baselines = steps.run(fit_baselines, pca, split, config.baselines, config.seed)
+    samples = steps.run(sample_faces, trained, pca, faces, split, config.sample, config.seed)
+    scores = steps.run(score_log_prob, trained, pca, faces, split, samples)
+    interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate)
     # A deleted run folder must be written again even though the report is cached.
     write_report = report.with_options(refresh_cache=not (run_folder / "report.md").is_file())
-    return write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    return steps.run(write_report, run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)

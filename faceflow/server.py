@@ -1,0 +1,221 @@
+"""The one place that finds or starts a Prefect server, and stops what it started.
+
+A faceflow command reuses a server that is already up: ``PREFECT_API_URL`` when set, else the
+one ``faceflow ui`` runs for this ``PREFECT_HOME`` (it leaves a record file there). Otherwise it
+starts ``prefect server start`` on 127.0.0.1, waits for it as long as a loaded machine needs, and
+stops it on every way out: the caller's ``with`` block ends, an error, SIGINT or SIGTERM turned
+into exceptions by the caller, a readiness timeout. The server runs in its own session, so a
+terminal's Ctrl-C reaches only the faceflow command, which records the run's end in the server
+before stopping it; and it is started through ``faceflow.tether``, so the kernel stops it even
+when the command is killed outright.
+
+This module imports nothing from Prefect: a command decides where its server is, and starts
+it, before paying for Prefect's and torch's imports, so the server's start-up overlaps them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from faceflow.settings import API_URL_VARIABLE, api_url_from_environment
+
+HOST = "127.0.0.1"
+SERVER_RECORD = "faceflow-server.json"  # in PREFECT_HOME, while `faceflow ui` runs a server there
+LOG_FOLDER = "server-logs"
+
+
+class ServerError(RuntimeError):
+    """A Prefect server could not be reached or started."""
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """A ``prefect server start`` child process serving one PREFECT_HOME on 127.0.0.1."""
+
+    home: Path
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    launched_at: float  # time.monotonic() at launch: readiness timeouts count from here
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether ``api_url/health`` answers 200 within ``timeout`` seconds."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def tethered(command: list[str]) -> list[str]:
+    """``command`` run through faceflow.tether: the kernel stops it when this process dies."""
+    return [sys.executable, "-m", "faceflow.tether", str(os.getpid()), *command]
+
+
+def start_server(home: Path, port: int | None = None, ui: bool = False) -> LocalServer:
+    """Launch ``prefect server start`` for ``home``; returns at once (see ``wait_until_ready``)."""
+    port = port or free_port()
+    api_url = f"http://{HOST}:{port}/api"
+    logs = home / LOG_FOLDER
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / (f"ui-{port}.log" if ui else f"run-{os.getpid()}-{port}.log")
+    env = os.environ | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+        # The UI's pages call the API at this address; Prefect's default is port 4200.
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    }
+    env.pop(API_URL_VARIABLE, None)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            tethered(command), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # the terminal's Ctrl-C reaches us, and we stop it in order
+        )
+    return LocalServer(home, port, process, log_path, time.monotonic())
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until_ready(server: LocalServer, timeout: float) -> None:
+    """Poll the health endpoint until it answers; raise ServerError if the server exits or ``timeout`` passes.
+
+    ``timeout`` counts from the server's launch, not from this call.
+    """
+    deadline = server.launched_at + timeout
+    pause = 0.05
+    while not is_healthy(server.api_url, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
+        if server.process.poll() is not None:
+            raise ServerError(
+                f"the Prefect server exited with code {server.process.returncode} while starting; "
+                f"its log {server.log_path} ends:\n{_log_tail(server.log_path)}"
+            )
+        if time.monotonic() > deadline:
+            raise ServerError(
+                f"the Prefect server did not answer within {timeout:g} s (raise FACEFLOW_SERVER_START_TIMEOUT "
+                f"on a busy machine); its log is {server.log_path}"
+            )
+        time.sleep(pause)
+        pause = min(0.5, pause * 1.5)
+
+
+def stop_server(server: LocalServer, grace: float = 20.0) -> None:
+    """SIGTERM (a graceful uvicorn shutdown), SIGKILL after ``grace`` seconds; reaps the process."""
+    for stop_signal, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if server.process.poll() is not None:
+            break
+        try:
+            os.killpg(server.process.pid, stop_signal)
+        except ProcessLookupError:
+            break
+        try:
+            server.process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    server.process.wait()
+
+
+@contextmanager
+def local_server(home: Path, timeout: float, port: int | None = None, ui: bool = False) -> Iterator[LocalServer]:
+    """A started and ready server for ``home``, stopped when the block ends however it ends."""
+    server = start_server(home, port, ui)
+    try:
+        wait_until_ready(server, timeout)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def record_path(home: Path) -> Path:
+    return home / SERVER_RECORD
+
+
+def write_record(home: Path, server: LocalServer) -> None:
+    """Tell later faceflow commands with this PREFECT_HOME that ``server`` is up (``faceflow ui``)."""
+    record = {"api_url": server.api_url, "pid": server.process.pid, "owner_pid": os.getpid()}
+    temporary = record_path(home).with_suffix(".tmp")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, record_path(home))
+
+
+def remove_record(home: Path) -> None:
+    record_path(home).unlink(missing_ok=True)
+
+
+def recorded_server(home: Path) -> str | None:
+    """The API URL ``faceflow ui`` recorded for ``home``, if that server answers."""
+    try:
+        api_url = json.loads(record_path(home).read_text())["api_url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return api_url if is_healthy(api_url) else None
+
+
+class ApiServer:
+    """Where a command's flow runs are recorded: a server found running, or one this command started."""
+
+    def __init__(self, api_url: str, started: LocalServer | None) -> None:
+        self.api_url = api_url
+        self.started = started
+
+    def wait_until_ready(self, timeout: float) -> None:
+        if self.started is not None:
+            wait_until_ready(self.started, timeout)
+        elif not is_healthy(self.api_url, timeout=10.0):
+            raise ServerError(f"the Prefect server at {API_URL_VARIABLE}={self.api_url} does not answer")
+
+
+@contextmanager
+def api_server(home: Path) -> Iterator[ApiServer]:
+    """Reuse ``PREFECT_API_URL`` or ``faceflow ui``'s server for ``home``, else start one (stopped on exit).
+
+    Returns before a started server is ready, so the caller can import while it boots; call
+    ``wait_until_ready`` before using it.
+    """
+    api_url = api_url_from_environment() or recorded_server(home)
+    if api_url is not None:
+        yield ApiServer(api_url, None)
+        return
+    started = start_server(home)
+    succeeded = False
+    try:
+        yield ApiServer(started.api_url, started)
+        succeeded = True
+    finally:
+        stop_server(started)
+        if succeeded:  # a failed command keeps the server's log for its error message to name
+            started.log_path.unlink(missing_ok=True)
