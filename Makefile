@@ -1,4 +1,5 @@
-# faceflow: `make run` runs the pipeline, `make test` runs the tests, `make bench` measures.
+# faceflow: `make run` runs the pipeline, `make ui` serves the Prefect UI, `make test` runs the tests,
+# `make bench` measures.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT ?= false
 
-.PHONY: install browser run test bench clean
+.PHONY: install system-packages run ui test bench clean
 
 install: $(STAMP)
 
@@ -22,12 +23,22 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/faceflow run $(ARGS)
 
-# One test opens a report in the Prefect UI with Debian's Chromium (Playwright drives it).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# The Prefect UI on http://127.0.0.1:4200 (PORT=...) with both deployments and a worker; Ctrl-C stops it.
+PORT ?= 4200
+ui: $(STAMP)
+	$(BIN)/faceflow ui --port $(PORT)
 
-test: $(STAMP) browser
+# Tests open the Prefect UI in Debian's Chromium (driven by Playwright) and run a Prefect
+# server on a throwaway PostgreSQL cluster (Debian's postgresql: initdb, pg_ctl); both are
+# installed with apt-get when missing.
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

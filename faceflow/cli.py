@@ -166,6 +166,24 @@ show_config.__signature__ = _config_signature(with_json=False)  # type: ignore[a
 app.command("show-config")(show_config)
 
 
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the server and its UI on 127.0.0.1.", min=1, max=65535)] = 4200,
+) -> None:
+    """The Prefect UI with faceflow's deployments and a worker; Ctrl-C stops all of it."""
+    from faceflow.ui import UIError, serve_ui
+
+    try:
+        serve_ui(port, server_start_timeout())
+    except (ServerError, UIError, SettingError) as error:
+        typer.echo(f"faceflow ui failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        typer.echo("faceflow ui stopped: worker, flow runs and server", err=True)
+
+
+app.command("ui")(ui)
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # An exception, unlike the default action, unwinds every `with` and `finally`: the flow run
     # is marked Crashed and the server this command started is stopped.

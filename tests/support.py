@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,8 +12,12 @@ from pathlib import Path
 from uuid import UUID
 
 import psutil
+from prefect.client.orchestration import SyncPrefectClient
+
+from faceflow.server import free_port
 
 TAG_VARIABLE = "FACEFLOW_TEST_TAG"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def new_tag() -> str:
@@ -86,8 +91,56 @@ def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: flo
 
 def flow_run_states(api_url: str) -> dict[UUID, str]:
     """Flow run id -> state name, as the server recorded them."""
+    with client(api_url) as prefect:
+        return {run.id: run.state.name if run.state else "None" for run in prefect.read_flow_runs()}
+
+
+class RunningUI:
+    """`make ui` in its own process group, as a terminal runs it; its output in a file."""
+
+    def __init__(self, tmp_path: Path, tag: str, data_file: Path, **env: str) -> None:
+        self.port = free_port()
+        self.home = tmp_path / "home"
+        self.output = tmp_path / "make-ui.txt"
+        self.env = tagged_env(tag, self.home, FACEFLOW_DATA_FILE=str(data_file), **env)
+        self.process = subprocess.Popen(
+            ["make", "--no-print-directory", "ui", f"PORT={self.port}"], cwd=REPO_ROOT, env=self.env,
+            stdin=subprocess.DEVNULL, stdout=self.output.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for_text(self.output, f"faceflow UI: http://127.0.0.1:{self.port}", self.process, timeout=600)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the whole group; make then dies of the same signal, as it does in a terminal."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        assert self.process.wait(timeout=120) in (0, -signal.SIGINT)
+        assert "faceflow ui stopped" in self.output.read_text()
+
+
+def client(api_url: str) -> SyncPrefectClient:
+    """A synchronous Prefect client for the server at ``api_url``."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        return {run.id: run.state.name if run.state else "None" for run in client.read_flow_runs()}
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return get_client(sync_client=True)
+
+
+def run_deployment(api_url: str, name: str, parameters: dict) -> UUID:
+    with client(api_url) as prefect:
+        deployment = prefect.read_deployment_by_name(f"faceflow/{name}")
+        return prefect.create_flow_run_from_deployment(deployment.id, parameters=parameters).id
+
+
+def wait_for_state(api_url: str, flow_run_id: UUID, wanted: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    with client(api_url) as prefect:
+        while time.monotonic() < deadline:
+            state = prefect.read_flow_run(flow_run_id).state
+            if state is not None and (state.name in wanted or state.is_final()):
+                return state.name
+            time.sleep(1.0)
+    raise AssertionError(f"flow run {flow_run_id} not in {wanted} within {timeout} s")

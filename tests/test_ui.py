@@ -1,0 +1,71 @@
+"""`make ui` as a user runs it: a real server, `prefect deploy`, a worker, a deployment run, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from faceflow.server import SERVER_RECORD, free_port, is_healthy, local_server
+from support import (
+    RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, tagged_processes,
+    wait_for_state,
+)
+
+QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
+
+
+@pytest.fixture
+def tag() -> str:
+    tag = new_tag()
+    yield tag
+    kill_tagged(tag)
+
+
+def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(tmp_path: Path, tag: str, data_file: Path) -> None:
+    ui = RunningUI(tmp_path, tag, data_file)
+    assert is_healthy(ui.api_url)
+    with client(ui.api_url) as prefect:
+        assert sorted(d.name for d in prefect.read_deployments()) == ["on-demand", "weekly-retrain"]
+        assert [w.status for w in prefect.read_workers_for_work_pool("faceflow-local")] == ["ONLINE"]
+    record = json.loads((ui.home / SERVER_RECORD).read_text())
+    assert record["api_url"] == ui.api_url
+
+    # A run through the API, as the UI's Run button makes one, executed by the worker.
+    outputs = tmp_path / "outputs"
+    flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": QUICK_CONFIG | {"output_dir": str(outputs)}})
+    assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
+    assert (next(outputs.glob("run-*")) / "report.md").is_file()
+
+    # `faceflow run` in another terminal finds this server instead of starting its own.
+    cli = subprocess.run(
+        faceflow("run", "--json", "--epochs", "3", "--n-samples", "4", "--steps", "3", "--output-dir", str(outputs)),
+        env=ui.env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    cli_run = json.loads(cli.stdout.splitlines()[-1])["flow_run_id"]
+    assert f"127.0.0.1:{ui.port}/runs/flow-run/{cli_run}" in cli.stderr
+
+    # Ctrl-C while the worker runs a long flow: everything stops, and the run is recorded as ended.
+    long_run = run_deployment(ui.api_url, "on-demand", {"config": {"train": {"epochs": 20000}, "output_dir": str(outputs)}})
+    assert wait_for_state(ui.api_url, long_run, {"Running"}, timeout=300) == "Running"
+    time.sleep(5)  # into the flow's tasks
+    ui.ctrl_c()
+    assert_no_process_left(tag)
+    assert not (ui.home / SERVER_RECORD).exists()
+    with local_server(ui.home, timeout=300) as server, client(server.api_url) as prefect:
+        assert prefect.read_flow_run(long_run).state.name in {"Crashed", "Cancelled"}
+
+
+def test_a_second_make_ui_for_the_same_home_is_refused(tmp_path: Path, tag: str, data_file: Path) -> None:
+    ui = RunningUI(tmp_path, tag, data_file)
+    second = subprocess.run(
+        faceflow("ui", "--port", str(free_port())), env=ui.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert second.returncode == 1 and f"already runs a server for PREFECT_HOME={ui.home}" in second.stderr
+    assert len([p for p in tagged_processes(tag) if "prefect" in " ".join(p.cmdline()) and "server" in p.cmdline()]) == 1
+    ui.ctrl_c()
+    assert_no_process_left(tag)
