@@ -1,12 +1,8 @@
-"""Publishing to Prefect (artifacts) and to disk (the run folder), atomically."""
+"""Publishing to Prefect: the run's artifacts."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -34,32 +30,3 @@ def publish_artifacts(markdown: str, comparison: pd.DataFrame, scores: pd.DataFr
         key="faceflow-metrics",
         description="Run metrics",
     )
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
-    """Write every file into a hidden sibling folder, then swap it into place in one rename.
-
-    A failure part-way leaves no half-written run folder behind.
-    """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
-    try:
-        for name, content in files.items():
-            (staging / name).write_bytes(content)
-        if destination.exists():
-            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, retired)
-            os.replace(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return destination

@@ -19,7 +19,7 @@ def main() -> None:
     from sklearn.decomposition import PCA
 
     from faceflow.settings import data_file_from_environment
-    from tasks.data import read_olivetti_mat
+    from tasks.olivetti import read_olivetti_mat
     from tasks.lab_recipe import LAB_EPOCHS, train_lab_recipe
 
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else LAB_EPOCHS

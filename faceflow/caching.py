@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel
+
+from faceflow.settings import prefect_home
 
 # Bump when a task's output changes meaning without its source changing (e.g. a
 # dependency's behaviour); it is part of every key.
@@ -109,4 +113,64 @@ def project_source_digest() -> str:
     return digest.hexdigest()
 
 
-KEYED_INPUTS = KeyedInputs()
+class ProcessLockManager(FileSystemLockManager):
+    """Prefect's lock files, plus the holder's process id, so a killed holder's lock is not waited on forever.
+
+    Prefect's FileSystemLockManager writes locks without an expiry; a run killed with SIGKILL
+    while holding one would make every later identical run wait for good.
+    """
+
+    def _owner_path(self, key: str) -> Path:
+        return self._lock_path_for_key(key).with_suffix(".pid")
+
+    def _record_owner(self, key: str) -> None:
+        self._owner_path(key).write_text(str(os.getpid()))
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._record_owner(key)
+        return acquired
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._record_owner(key)
+        return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, holder)
+        self._owner_path(key).unlink(missing_ok=True)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache):
+            return False
+        try:
+            owner = int(self._owner_path(key).read_text())
+        except (OSError, ValueError):
+            return True  # just acquired, owner not written yet
+        if _process_alive(owner):
+            return True
+        self._lock_path_for_key(key).unlink(missing_ok=True)
+        self._owner_path(key).unlink(missing_ok=True)
+        self._locks.pop(key, None)
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Serializable: a second identical run waits for the first one's task and reads its result
+# instead of computing it again (the lock files live beside Prefect's result storage).
+KEYED_INPUTS = KeyedInputs().configure(
+    isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(prefect_home() / "locks")
+)

@@ -12,9 +12,13 @@ from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 import typer
 from pydantic import BaseModel, ValidationError
 
+from artifacts.run_folder import OutputFolderError, check_output_folder
 from faceflow.config import FaceflowConfig
 from faceflow.server import ServerError, api_server
-from faceflow.settings import API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, prefect_home, server_start_timeout
+from faceflow.settings import (
+    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, prefect_home, server_start_timeout,
+)
+from tasks.olivetti import DataFileError, checked_faces_array
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
 
@@ -99,15 +103,27 @@ def _run_on_a_server(config: FaceflowConfig, start_timeout: float) -> dict[str, 
         return run_pipeline(config, server.api_url)
 
 
+def _refuse_bad_input(config: FaceflowConfig) -> float:
+    """Check the data file, the output folder and the settings before any server or flow starts.
+
+    Returns the server start timeout; exits with status 2 and one line naming what is wrong.
+    """
+    try:
+        data_file = config.data.data_file or data_file_from_environment()
+        if data_file is not None:
+            checked_faces_array(data_file)
+        check_output_folder(config.output_dir)
+        return server_start_timeout()
+    except (DataFileError, OutputFolderError, SettingError) as error:
+        typer.echo(f"faceflow run refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+
+
 def run(**options: Any) -> None:
     """Run the whole pipeline: fetch, PCA, train, sample, score, interpolate, report."""
     as_json = options.pop("json_output")
     config = _validated_config(options)
-    try:
-        start_timeout = server_start_timeout()
-    except SettingError as error:
-        typer.echo(str(error), err=True)
-        raise typer.Exit(code=2) from None
+    start_timeout = _refuse_bad_input(config)
     try:
         summary = _run_on_a_server(config, start_timeout)
     except ServerError as error:
@@ -127,6 +143,8 @@ def run(**options: Any) -> None:
         typer.echo(f"held-out log p: {heldout if isinstance(heldout, str) else f'{heldout:.2f}'} nats per face")
         for task_name, state in summary["tasks"].items():
             typer.echo(f"  {task_name:<18} {state}")
+        for problem in summary["repaired"]:
+            typer.echo(f"repaired the run folder: {problem}")
 
 
 def _config_signature(with_json: bool) -> inspect.Signature:

@@ -15,11 +15,14 @@ from faceflow.config import FaceflowConfig
 from flows.pipeline import faceflow_pipeline
 
 
+FLUSH_TIMEOUT = 10.0  # seconds each; a server that has gone away must not hold the command up
+
+
 def flush_to_api() -> None:
     """Send the logs and events Prefect still holds in memory, before the server may stop."""
 
     async def drain() -> None:
-        for drained in (APILogWorker.drain_all(), EventsWorker.drain_all()):
+        for drained in (APILogWorker.drain_all(timeout=FLUSH_TIMEOUT), EventsWorker.drain_all(timeout=FLUSH_TIMEOUT)):
             if inspect.isawaitable(drained):
                 await drained
 
@@ -39,4 +42,5 @@ def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:
         "output_dir": str(result.report.folder),
         "metrics": {name: json_safe(value) for name, value in result.report.metrics.items()},
         "tasks": result.task_states,
+        "repaired": list(result.repairs),
     }

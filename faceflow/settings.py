@@ -12,6 +12,8 @@ SERVER_START_TIMEOUT_VARIABLE = "FACEFLOW_SERVER_START_TIMEOUT"
 # A loaded 2-core machine has taken over 20 s (Prefect's own limit) to start a server, and
 # creating its database on first use takes longer still.
 DEFAULT_SERVER_START_TIMEOUT = 180.0
+DOWNLOAD_TIMEOUT_VARIABLE = "FACEFLOW_DOWNLOAD_TIMEOUT"
+DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # per network read; the whole file is 1.4 MB
 
 
 class SettingError(ValueError):
@@ -34,15 +36,24 @@ def prefect_home() -> Path:
     return Path(os.environ.get(HOME_VARIABLE, "").strip() or "~/.prefect").expanduser().resolve()
 
 
-def server_start_timeout() -> float:
-    """Seconds to wait for a Prefect server to answer (FACEFLOW_SERVER_START_TIMEOUT, default 180)."""
-    value = os.environ.get(SERVER_START_TIMEOUT_VARIABLE, "").strip()
+def _positive_seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable, "").strip()
     if not value:
-        return DEFAULT_SERVER_START_TIMEOUT
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise SettingError(f"{SERVER_START_TIMEOUT_VARIABLE}={value!r}: expected a number of seconds > 0")
+        raise SettingError(f"{variable}={value!r}: expected a number of seconds > 0")
     return seconds
+
+
+def server_start_timeout() -> float:
+    """Seconds to wait for a Prefect server to answer (FACEFLOW_SERVER_START_TIMEOUT, default 180)."""
+    return _positive_seconds(SERVER_START_TIMEOUT_VARIABLE, DEFAULT_SERVER_START_TIMEOUT)
+
+
+def download_timeout() -> float:
+    """Seconds any one network read of the data download may take (FACEFLOW_DOWNLOAD_TIMEOUT, default 30)."""
+    return _positive_seconds(DOWNLOAD_TIMEOUT_VARIABLE, DEFAULT_DOWNLOAD_TIMEOUT)

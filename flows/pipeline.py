@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from artifacts.run_folder import check_output_folder, run_folder_problems
 from faceflow.caching import content_key, project_source_digest
 from faceflow.config import FaceflowConfig
 from faceflow.threads import limited_threads
@@ -27,6 +28,7 @@ class PipelineResult:
 
     report: RunReport
     task_states: dict[str, str]
+    repairs: tuple[str, ...]  # what was wrong with the run folder, which this run wrote again
 
 
 def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
@@ -41,14 +43,22 @@ def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResu
     """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
     device = resolve_device(config.train.device).type  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
+    check_output_folder(config.output_dir)
     run_folder = run_folder_for(config, data_file)
     steps = TaskStates()
     with limited_threads(config.threads):
-        written = _run_tasks(steps, config, data_file, run_folder, device)
-    return PipelineResult(written, steps.names)
+        arguments = _run_tasks(steps, config, data_file, device)
+        written = steps.run(report, run_folder, *arguments)
+        # Verified, not trusted: a cached report whose folder has lost or changed a file writes it again.
+        repairs = tuple(run_folder_problems(run_folder)) if steps.names["report"] == "Cached" else ()
+        if repairs:
+            get_run_logger().warning(f"run folder {run_folder}: {'; '.join(repairs)}; writing it again")
+            written = steps.run(report.with_options(refresh_cache=True), run_folder, *arguments)
+    return PipelineResult(written, steps.names, repairs)
 
 
-def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None, run_folder: Path, device: str) -> RunReport:
+def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None, device: str) -> tuple:
+    """Every step before the report; returns the report's inputs after the run folder."""
     faces = steps.run(fetch_faces, data_file)
     split = steps.run(split_faces, faces, config.data)
     pca = steps.run(fit_pca, faces, split, config.pca)
@@ -58,6 +68,4 @@ def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None
     samples = steps.run(sample_faces, trained, pca, faces, split, config.sample, config.seed)
     scores = steps.run(score_log_prob, trained, pca, faces, split, samples)
     interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate)
-    # A deleted run folder must be written again even though the report is cached.
-    write_report = report.with_options(refresh_cache=not (run_folder / "report.md").is_file())
-    return steps.run(write_report, run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    return split, pca, trained, samples, scores, interpolation, baselines, config

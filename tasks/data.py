@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import scipy.io
 from prefect import task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from faceflow.caching import KEYED_INPUTS, array_digest, content_key
-from faceflow.config import IMAGES_PER_PERSON, N_IMAGES, DataConfig
-from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment
-
-IMAGE_SHAPE = (64, 64)
-
-
-class DataFileError(ValueError):
-    """The given olivettifaces.mat cannot be used."""
-
+from faceflow.config import DataConfig
+from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment, download_timeout
+from tasks.olivetti import DataFileError, read_olivetti_mat
 
 class DataUnavailableError(ConnectionError):
     """No local data file and the download failed."""
@@ -62,30 +58,23 @@ class Split:
         )
 
 
-def read_olivetti_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images and targets from a local olivettifaces.mat, normalised exactly as scikit-learn does."""
+@contextmanager
+def socket_timeout(seconds: float) -> Iterator[None]:
+    """Bound every network read in the block: scikit-learn's download sets no timeout and hung for good on a stalled connection."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
     try:
-        raw = scipy.io.loadmat(path)["faces"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataFileError(f"cannot read data file {str(path)!r}: {error}") from error
-    if raw.shape != (IMAGE_SHAPE[0] * IMAGE_SHAPE[1], N_IMAGES):
-        raise DataFileError(
-            f"data file {str(path)!r} holds 'faces' of shape {raw.shape}; "
-            f"expected (4096, 400), one 64x64 image per column"
-        )
-    faces = raw.T.astype(np.float32)
-    faces -= faces.min()
-    faces /= faces.max()
-    images = faces.reshape(N_IMAGES, *IMAGE_SHAPE).transpose(0, 2, 1)
-    target = np.repeat(np.arange(N_IMAGES // IMAGES_PER_PERSON), IMAGES_PER_PERSON)
-    return np.ascontiguousarray(images), target
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def download_olivetti() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's download, which keeps its own on-disk cache."""
+    """scikit-learn's download, which keeps its own on-disk cache; the fetch task retries it."""
     from sklearn.datasets import fetch_olivetti_faces
 
-    bunch = fetch_olivetti_faces(shuffle=False)
+    with socket_timeout(download_timeout()):
+        bunch = fetch_olivetti_faces(shuffle=False, n_retries=1)  # its least; the task retries more
     return bunch.images.astype(np.float32), bunch.target
 
 

@@ -10,7 +10,8 @@ from prefect import task
 
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import InterpolateConfig, SampleConfig
-from tasks.data import IMAGE_SHAPE, Faces, Split
+from tasks.data import Faces, Split
+from tasks.olivetti import IMAGE_SHAPE
 from tasks.pca import FittedPCA
 from tasks.train import TrainedFlow
 

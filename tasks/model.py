@@ -149,18 +149,51 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             os.unlink(temporary)
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
-    """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config)."""
-    payload = torch.load(path, map_location=device, weights_only=True)
+class CheckpointError(ValueError):
+    """A model.pt that cannot be loaded as a faceflow model."""
+
+
+def _read_payload(path: Path, device: str) -> dict[str, Any]:
+    name = repr(str(path))
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {name} does not exist or is not a file")
+    try:
+        # weights_only: a checkpoint is data, never code to run (torch refuses arbitrary pickles).
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"checkpoint {name} is not a readable torch checkpoint ({reason})") from None
     found = payload.get("format") if isinstance(payload, dict) else None
     if found != CHECKPOINT_FORMAT:
         if isinstance(found, str) and found.startswith(f"{CHECKPOINT_FAMILY}/"):
-            raise ValueError(
-                f"{str(path)!r} holds a faceflow model of format {found!r}; this version reads {CHECKPOINT_FORMAT!r}:"
+            raise CheckpointError(
+                f"checkpoint {name} holds a faceflow model of format {found!r}; this version reads {CHECKPOINT_FORMAT!r}:"
                 " retrain it with `faceflow run`"
             )
-        raise ValueError(f"{str(path)!r} is not a faceflow checkpoint (format {found!r})")
-    return rebuild_realnvp(ModelSpec(**payload["spec"]), payload["state_dict"], device), payload["config"]
+        raise CheckpointError(f"checkpoint {name} is not a faceflow checkpoint (format {found!r})")
+    missing = {"spec", "config", "state_dict"} - set(payload)
+    if missing:
+        raise CheckpointError(f"checkpoint {name} lacks {', '.join(sorted(missing))}")
+    return payload
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
+    """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config).
+
+    Every failure names the file: unreadable or truncated, another format, missing parts,
+    weights that do not fit the recorded shape, or non-finite weights.
+    """
+    payload = _read_payload(path, device)
+    name = repr(str(path))
+    broken = [key for key, value in payload["state_dict"].items() if not bool(torch.isfinite(value).all())]
+    if broken:
+        raise CheckpointError(f"checkpoint {name} holds non-finite weights ({', '.join(broken[:3])}); retrain the model")
+    try:
+        model = rebuild_realnvp(ModelSpec(**payload["spec"]), payload["state_dict"], device)
+    except (TypeError, RuntimeError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"checkpoint {name} does not match the model it describes ({reason})") from None
+    return model, payload["config"]
 
 
 def resolve_device(requested: str) -> torch.device:

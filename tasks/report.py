@@ -14,7 +14,8 @@ import torch
 from prefect import task
 
 from artifacts import figures
-from artifacts.publish import json_safe, publish_artifacts, write_run_folder
+from artifacts.publish import json_safe, publish_artifacts
+from artifacts.run_folder import write_run_folder
 from artifacts.report import FIGURES, comparison_table, conclusions, report_markdown
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import FaceflowConfig

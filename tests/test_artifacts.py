@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from artifacts import figures
-from artifacts.publish import _records, write_run_folder
+from artifacts.publish import _records
+from artifacts.run_folder import write_run_folder
 from artifacts.report import comparison_table, conclusions, markdown_table
 
 METRICS = {

@@ -8,7 +8,8 @@ import pytest
 import scipy.io
 
 from faceflow.config import DataConfig
-from tasks.data import DataFileError, DataUnavailableError, load_faces, read_olivetti_mat, split_indices
+from tasks.data import DataUnavailableError, load_faces, split_indices
+from tasks.olivetti import DataFileError, read_olivetti_mat
 
 
 def test_real_faces_match_scikit_learn_values(faces) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from artifacts.run_folder import run_folder_problems
 from faceflow.server import local_server
 from tasks.model import load_checkpoint
 
@@ -26,7 +27,7 @@ DOWNSTREAM_OF_SAMPLES = {"sample_faces", "score_log_prob", "report"}
 RUN_FILES = {
     "report.md", "samples.png", "explained_variance.png", "loss_curve.png", "log_prob_histogram.png",
     "interpolation.png", "metrics.json", "config.json", "split.json", "scores.csv",
-    "training_history.csv", "pca.joblib", "model.pt",
+    "training_history.csv", "pca.joblib", "model.pt", "manifest.json",
 }
 QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5"]
 
@@ -139,11 +140,33 @@ def test_downstream_change_reruns_only_downstream(server: str, workdir: Path, da
     assert changed["metrics"]["heldout_log_prob"] == first_run["metrics"]["heldout_log_prob"]
 
 
-def test_deleted_run_folder_is_written_again(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
-    shutil.rmtree(first_run["output_dir"])
+def _remove(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).unlink()
+
+
+DAMAGE = {
+    "folder deleted": (lambda folder: shutil.rmtree(folder), ["the folder or its manifest.json is missing"]),
+    "model.pt deleted": (lambda folder: _remove(folder, "model.pt"), ["model.pt is missing"]),
+    "model.pt emptied": (lambda folder: (folder / "model.pt").write_bytes(b""), ["model.pt has changed"]),
+    "metrics.json and pca.joblib deleted": (lambda folder: _remove(folder, "metrics.json", "pca.joblib"),
+                                            ["metrics.json is missing", "pca.joblib is missing"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_run_folder_is_written_again_from_cached_results(
+    server: str, workdir: Path, data_file: Path, first_run: dict, damage: str
+) -> None:
+    harm, reported = DAMAGE[damage]
+    folder = Path(first_run["output_dir"])
+    harm(folder)
     again = faceflow_run(server, workdir, data_file, *QUICK)
-    assert again["tasks"]["report"] == "Completed" and again["tasks"]["train_realnvp"] == "Cached"
-    assert {p.name for p in Path(again["output_dir"]).iterdir()} == RUN_FILES
+    assert again["repaired"] == reported
+    assert again["tasks"] == {name: ("Completed" if name == "report" else "Cached") for name in ALL_TASKS}
+    assert run_folder_problems(folder) == []
+    assert json.loads((folder / "metrics.json").read_text()) == pytest.approx(first_run["metrics"])
+    assert {p.name for p in folder.iterdir()} == RUN_FILES
 
 
 def test_plain_output_says_where_the_report_is(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:

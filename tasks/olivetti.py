@@ -1,0 +1,72 @@
+"""Read and check olivettifaces.mat: the one place that knows the file's format.
+
+Every way the file can be unusable is reported in one line that names the file and what is
+wrong, before any work starts: the CLI calls this before it starts a server, and the
+fetch task calls it again for runs started from a deployment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+from faceflow.config import IMAGES_PER_PERSON, N_IMAGES, N_PIXELS
+
+IMAGE_SHAPE = (64, 64)
+VARIABLE = "faces"
+EXPECTED_SHAPE = (N_PIXELS, N_IMAGES)  # one image per column, as the original file has
+
+
+class DataFileError(ValueError):
+    """The given olivettifaces.mat cannot be used."""
+
+
+def _load_matlab(path: Path) -> dict[str, object]:
+    name = repr(str(path))
+    if not path.exists():
+        raise DataFileError(f"data file {name} does not exist")
+    if not path.is_file():
+        raise DataFileError(f"data file {name} is not a file (a directory?)")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"data file {name} is empty")
+    try:
+        return scipy.io.loadmat(path)
+    except Exception as error:  # scipy's readers raise many kinds (MatReadError, ValueError, zlib.error, ...)
+        reason = str(error) or type(error).__name__
+        raise DataFileError(f"data file {name} is not a readable MATLAB .mat file ({reason})") from None
+
+
+def checked_faces_array(path: Path) -> np.ndarray:
+    """The raw ``faces`` variable of ``path``, after every check the pipeline relies on."""
+    name = repr(str(path))
+    contents = _load_matlab(path)
+    if VARIABLE not in contents:
+        held = ", ".join(repr(k) for k in contents if not k.startswith("__")) or "nothing"
+        raise DataFileError(f"data file {name} has no variable {VARIABLE!r} (it holds {held})")
+    raw = np.asarray(contents[VARIABLE])
+    if not np.issubdtype(raw.dtype, np.number) or np.issubdtype(raw.dtype, np.complexfloating):
+        raise DataFileError(f"data file {name}: {VARIABLE!r} holds {raw.dtype} values; expected real numbers (pixel levels)")
+    if raw.shape != EXPECTED_SHAPE:
+        hint = "; it looks transposed: save faces.T" if raw.shape == EXPECTED_SHAPE[::-1] else ""
+        raise DataFileError(
+            f"data file {name}: {VARIABLE!r} has shape {raw.shape}; expected {EXPECTED_SHAPE}, "
+            f"one 64x64 image per column{hint}"
+        )
+    finite = np.isfinite(raw)
+    if not finite.all():
+        raise DataFileError(f"data file {name}: {VARIABLE!r} holds {int((~finite).sum())} non-finite values (NaN or inf)")
+    if raw.min() == raw.max():
+        raise DataFileError(f"data file {name}: every pixel of {VARIABLE!r} is {raw.min()}: there is nothing to learn")
+    return raw
+
+
+def read_olivetti_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images and targets from a local olivettifaces.mat, normalised exactly as scikit-learn does."""
+    faces = checked_faces_array(path).T.astype(np.float32)
+    faces -= faces.min()
+    faces /= faces.max()
+    images = faces.reshape(N_IMAGES, *IMAGE_SHAPE).transpose(0, 2, 1)
+    target = np.repeat(np.arange(N_IMAGES // IMAGES_PER_PERSON), IMAGES_PER_PERSON)
+    return np.ascontiguousarray(images), target

@@ -1,0 +1,201 @@
+"""Faults injected for real: broken checkpoints, full and read-only disks, a stalled download, concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from artifacts.run_folder import OutputFolderError, write_run_folder
+from faceflow.server import local_server
+from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env, wait_for_text
+from tasks.data import DataUnavailableError, load_faces
+from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
+
+DIM = 8
+
+
+def _checkpoint(path: Path) -> Path:
+    model = build_realnvp(ModelSpec(DIM, 2, 8), np.zeros(DIM), np.ones(DIM))
+    save_checkpoint(path, checkpoint_payload(model.state_dict(), ModelSpec(DIM, 2, 8), {"epochs": 1}))
+    return path
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _save(path: Path, value: object) -> Path:
+    torch.save(value, path)
+    return path
+
+
+def _with_payload(path: Path, change: Callable[[dict], None]) -> Path:
+    payload = torch.load(_checkpoint(path), weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+    return path
+
+
+BROKEN_CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "missing": (lambda p: p, "does not exist"),
+    "empty": (lambda p: _write(p, b""), "not a readable torch checkpoint"),
+    "truncated": (lambda p: _write(p, _checkpoint(p).read_bytes()[:300]), "not a readable torch checkpoint"),
+    "a pickle that runs code": (lambda p: _write(p, pickle.dumps(_RunsCode())), "not a readable torch checkpoint"),
+    "another format": (lambda p: _save(p, {"weights": 1}), "not a faceflow checkpoint"),
+    "no weights": (lambda p: _with_payload(p, lambda d: d.pop("state_dict")), "lacks state_dict"),
+    "NaN weights": (lambda p: _with_payload(p, lambda d: next(iter(d["state_dict"].values())).fill_(float("nan"))),
+                    "non-finite weights"),
+    "weights of another shape": (lambda p: _with_payload(p, lambda d: d["spec"].update(hidden_units=16)),
+                                 "does not match the model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CHECKPOINTS))
+def test_a_broken_checkpoint_is_refused_naming_the_file(case: str, tmp_path: Path) -> None:
+    make, reason = BROKEN_CHECKPOINTS[case]
+    path = make(tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+
+
+@contextmanager
+def tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small RAM disk mounted at ``where``: a real full or read-only file system (needs root)."""
+    where.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (these tests need root): {mounted.stderr}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.parametrize(("size", "read_only", "reason"), [("1m", False, "MiB free"), ("100m", True, "not writable")])
+def test_an_output_folder_that_cannot_take_a_run_is_refused_before_work(
+    tmp_path: Path, data_file: Path, size: str, read_only: bool, reason: str
+) -> None:
+    with tmpfs(tmp_path / "disk", size, read_only) as disk:
+        result = subprocess.run(
+            faceflow("run", "--output-dir", str(disk / "outputs")),
+            env=tagged_env(new_tag(), tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file)),
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 2 and f"output folder {str(disk / 'outputs')!r}" in result.stderr
+        assert reason in result.stderr
+        assert not (tmp_path / "home").exists()
+
+
+def test_a_disk_that_fills_while_the_run_folder_is_written_leaves_nothing(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        with pytest.raises(OutputFolderError, match="no space left"):
+            write_run_folder(disk / "run-x", {"small.txt": b"ok", "big.bin": os.urandom(2 * 2**20)})
+        assert list(disk.iterdir()) == []
+
+
+@contextmanager
+def stalling_proxy() -> Iterator[str]:
+    """An HTTP proxy that accepts connections and never answers: a stalled network."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def test_a_stalled_download_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with stalling_proxy() as proxy:
+        for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(variable, proxy)
+        monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path))
+        monkeypatch.setenv("FACEFLOW_DOWNLOAD_TIMEOUT", "0.5")
+        started = time.monotonic()
+        with pytest.raises(DataUnavailableError, match="FACEFLOW_DATA_FILE"):
+            load_faces(None)
+        assert time.monotonic() - started < 10
+
+
+def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path) -> None:
+    tag = new_tag()
+    try:
+        with stalling_proxy() as proxy:
+            # Only the download goes through the stalled proxy; Prefect's own connections stay local.
+            env = tagged_env(tag, tmp_path / "home", SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy, https_proxy=proxy,
+                             NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+            env.pop("FACEFLOW_DATA_FILE", None)
+            stderr = tmp_path / "stderr.txt"
+            process = subprocess.Popen(
+                faceflow("run", "--output-dir", str(tmp_path / "outputs")), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=stderr.open("wb"),
+            )
+            wait_for_text(stderr, "Beginning flow run", process, timeout=300)
+            time.sleep(2)  # inside fetch_faces, waiting on the proxy (the default read timeout is 30 s)
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+            assert process.returncode == 128 + signal.SIGTERM
+            assert time.monotonic() - sent < 15
+        assert_no_process_left(tag)
+    finally:
+        kill_tagged(tag)
+
+
+def test_two_identical_concurrent_runs_compute_each_task_once(tmp_path: Path, data_file: Path) -> None:
+    """Prefect's serializable cache isolation: the second run waits for the first and reads its results."""
+    tag = new_tag()
+    arguments = ["run", "--json", "--epochs", "800", "--n-samples", "4", "--steps", "3", "--output-dir", str(tmp_path / "out")]
+    try:
+        with local_server(tmp_path / "home", timeout=300) as server:
+            env = tagged_env(tag, tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file), PREFECT_API_URL=server.api_url)
+            runs = [subprocess.Popen(faceflow(*arguments), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                    for _ in range(2)]
+            outputs = [run.communicate(timeout=900)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0]
+        first, second = (json.loads(out.decode().splitlines()[-1]) for out in outputs)
+        assert first["output_dir"] == second["output_dir"] and first["metrics"] == second["metrics"]
+        for task, state in first["tasks"].items():
+            assert {state, second["tasks"][task]} == {"Completed", "Cached"}, (task, state, second["tasks"][task])
+    finally:
+        kill_tagged(tag)
