@@ -33,6 +33,9 @@ TARGETS = [
     ("first-use cold flow wall / lab script wall", "cold_first_use_wall_seconds", "lab_wall_seconds", "<=", 1.0),
     ("identical re-run / cold run", "identical_rerun_seconds", "cold_wall_seconds", "<=", 0.10),
     ("downstream-only re-run / cold run", "downstream_rerun_seconds", "cold_wall_seconds", "<=", 0.20),
+    ("identical re-run as a new process, no server running / cold run", "rerun_process_seconds", "cold_wall_seconds", "<=", 0.30),
+    ("identical re-run as a new process beside faceflow ui / cold run", "rerun_beside_ui_seconds", "cold_wall_seconds", "<=", 0.15),
+    ("processes left after 20 runs (success, bad input, SIGTERM, SIGINT)", "orphans", None, "<=", 0),
     ("cold run peak RSS (GB), server included", "cold_peak_rss_gb", None, "<=", 1.0),
     ("first-use cold run peak RSS (GB), server included", "cold_first_use_peak_rss_gb", None, "<=", 1.0),
 ]
@@ -118,6 +121,11 @@ def main() -> None:
         cold = best_of([flow_runs.existing_database_cold_run(migrated, workdir, data_file) for workdir in workdirs])
         print("cached re-runs against one server ...", flush=True)
         reruns = flow_runs.cached_reruns(workdirs[0], data_file)
+        print(f"identical re-runs as new processes, no server running and beside faceflow ui, best of {REPEATS} ...", flush=True)
+        rerun_process = best_of([flow_runs.cold_run(workdirs[0], data_file) for _ in range(REPEATS)])
+        rerun_beside_ui = best_of(flow_runs.reruns_beside_ui(workdirs[0], data_file, REPEATS))
+        print("20 runs ended by success, bad input, SIGTERM and SIGINT; processes left ...", flush=True)
+        orphans = flow_runs.orphans_after_runs(workdirs[1], data_file)
 
     figures = {
         "lab_wall_seconds": lab["wall_seconds"], "lab_train_seconds": lab["train_seconds"],
@@ -132,13 +140,18 @@ def main() -> None:
         "cold_train_seconds": cold["metrics"]["train_seconds"],
         "identical_rerun_seconds": reruns["identical"]["wall_seconds"],
         "downstream_rerun_seconds": reruns["downstream_only"]["wall_seconds"],
+        "rerun_process_seconds": rerun_process["wall_seconds"],
+        "rerun_beside_ui_seconds": rerun_beside_ui["wall_seconds"],
+        "orphans": orphans["orphans"],
     }
     report |= {"figures": figures, "targets": check_targets(figures), "lab": lab, "speed": speed,
-               "cold": cold, "cold_first_use": cold_first_use, "reruns": reruns}
+               "cold": cold, "cold_first_use": cold_first_use, "reruns": reruns,
+               "rerun_process": rerun_process, "rerun_beside_ui": rerun_beside_ui, "orphan_check": orphans}
     print_table("measurements", [{"figure": k, "value": v} for k, v in figures.items()])
     print_table("targets", report["targets"])
     print_table("task states of the re-runs", [
-        {"run": name, **{task: state for task, state in run["tasks"].items()}} for name, run in reruns.items()
+        {"run": name, **{task: state for task, state in run["tasks"].items()}}
+        for name, run in {**reruns, "new process": rerun_process, "beside faceflow ui": rerun_beside_ui}.items()
     ])
 
     if not arguments.skip_quality:
