@@ -2,7 +2,8 @@
 
 ``python -m faceflow.tether PARENT_PID COMMAND...`` asks Linux to send this process SIGTERM
 when its parent dies (``PR_SET_PDEATHSIG``), checks that the parent is still ``PARENT_PID``
-(it may have died before the request), then replaces itself with ``COMMAND``. The request
+(it may have died before the request), restores the default action of SIGINT and SIGTERM,
+then replaces itself with ``COMMAND``. The request
 survives the exec, so a Prefect server or worker started this way cannot outlive a
 ``faceflow`` command even when that command is killed with SIGKILL and runs no cleanup.
 Elsewhere than Linux the command simply runs; the caller's own cleanup still stops it.
@@ -42,6 +43,10 @@ def become_subreaper() -> None:
 def main(arguments: list[str]) -> None:
     parent_pid, command = int(arguments[0]), arguments[1:]
     tie_to_parent(parent_pid)
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal survives exec:
+    # the child must answer the signals its supervisor stops it with.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_DFL)
     os.execvp(command[0], command)
 
 
