@@ -13,6 +13,7 @@ from tasks.baselines import fit_baselines
 from tasks.data import fetch_faces, resolve_data_file, split_faces
 from tasks.generate import interpolate_faces, sample_faces
 from tasks.model import resolve_device
+from tasks.new_people import score_new_people
 from tasks.pca import fit_pca
 from tasks.report import RunReport, report
 from tasks.score import score_log_prob
@@ -43,9 +44,10 @@ def _run_tasks(config: FaceflowConfig, data_file: Path | None, run_folder: Path,
     batches = build_dataloader(pca, split, config.train, config.seed)
     trained = train_realnvp(batches, config.train, config.seed, device)
     baselines = fit_baselines(pca, split, config.baselines, config.seed)
-    samples = sample_faces(trained, pca, faces, split, config.sample, config.seed)
+    new_people = score_new_people(faces, config.data, config.pca, config.train, config.baselines, config.seed, device)
+    samples = sample_faces(trained, pca, split, config.sample, config.seed)
     scores = score_log_prob(trained, pca, faces, split, samples)
     interpolation = interpolate_faces(trained, pca, config.interpolate)
     # A deleted run folder must be written again even though the report is cached.
     write_report = report.with_options(refresh_cache=not (run_folder / "report.md").is_file())
-    return write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    return write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, new_people, config)

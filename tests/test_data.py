@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 
 from faceflow.config import DataConfig
-from tasks.data import DataFileError, DataUnavailableError, load_faces, read_olivetti_mat, split_indices
+from tasks.data import DataFileError, DataUnavailableError, load_faces, read_olivetti_mat, split_indices, tuning_split_indices
 
 
 def test_real_faces_match_scikit_learn_values(faces) -> None:
@@ -69,3 +69,15 @@ def test_split_is_seeded() -> None:
     other = split_indices(target, DataConfig(split_seed=4))
     assert np.array_equal(first.heldout, again.heldout) and first.key == again.key
     assert not np.array_equal(first.heldout, other.heldout)
+
+
+@pytest.mark.parametrize("validation_per_person", [0, 1, 2])
+def test_tuning_split_drops_the_heldout_faces_and_judges_on_the_default_validation_faces(validation_per_person: int) -> None:
+    target = np.repeat(np.arange(40), 10)
+    run = split_indices(target, DataConfig(split_seed=5))
+    tuning = tuning_split_indices(target, DataConfig(split_seed=5, validation_per_person=validation_per_person))
+    assert np.array_equal(tuning.heldout, run.validation)  # the judge: one image per person
+    used = np.concatenate([tuning.fit, tuning.validation, tuning.heldout])
+    assert len(used) == len(set(used.tolist())) == 320
+    assert not set(used.tolist()) & set(run.heldout.tolist())
+    assert np.bincount(target[tuning.validation], minlength=40).tolist() == [validation_per_person] * 40
