@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, TrainConfig
+from faceflow.config import DataConfig, FaceflowConfig, TrainConfig
 from tasks.baselines import fit_baseline_models
 from tasks.data import Faces, Split, load_faces, split_indices, tuning_split_indices
 from tasks.new_people import evaluate_new_people
@@ -93,7 +93,7 @@ def confirmation_rows(faces: Faces, recipes: dict[str, FaceflowConfig] = RECIPES
 def new_people_rows(faces: Faces, config: FaceflowConfig = RECIPES["new default"]) -> list[dict]:
     """One row per fold of people on the first confirmation split: flow and baselines on all their images."""
     data = _with_split_seed(config, CONFIRMATION_SPLITS[0]).model_copy(update={"new_people_folds": NEW_PEOPLE_FOLDS})
-    result = evaluate_new_people(faces, data, config.pca, config.train, BaselineConfig(), config.seed, "cpu")
+    result = evaluate_new_people(faces, data, config.pca, config.train, config.baselines, config.seed, "cpu")
     return [
         {"fold": index, "people": fold.people, "flow": fold.flow_log_prob, **fold.baseline_log_prob,
          "flow_minus_kde": fold.flow_log_prob - fold.baseline_log_prob["Gaussian KDE"], "train_seconds": fold.train_seconds}
