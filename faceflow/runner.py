@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from prefect.events.worker import EventsWorker
@@ -19,14 +20,21 @@ FLUSH_TIMEOUT = 10.0  # seconds each; a server that has gone away must not hold 
 
 
 def flush_to_api() -> None:
-    """Send the logs and events Prefect still holds in memory, before the server may stop."""
+    """Send the logs and events Prefect still holds in memory, before the server may stop.
+
+    Best effort: after an interrupt it may fail, and it must not replace the error that ended
+    the run (an interrupted run would otherwise exit with a flush error instead of 130).
+    """
 
     async def drain() -> None:
         for drained in (APILogWorker.drain_all(timeout=FLUSH_TIMEOUT), EventsWorker.drain_all(timeout=FLUSH_TIMEOUT)):
             if inspect.isawaitable(drained):
                 await drained
 
-    run_coro_as_sync(drain())
+    try:
+        run_coro_as_sync(drain())
+    except Exception as error:
+        print(f"warning: some Prefect logs or events were not sent: {error}", file=sys.stderr)
 
 
 def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from tasks.baselines import fit_baselines
 from tasks.data import fetch_faces, resolve_data_file, split_faces
 from tasks.generate import interpolate_faces, sample_faces
 from tasks.model import resolve_device
+from tasks.new_people import score_new_people
 from tasks.pca import fit_pca
 from tasks.report import RunReport, report
 from tasks.score import score_log_prob
@@ -65,7 +66,10 @@ def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None
     batches = steps.run(build_dataloader, pca, split, config.train, config.seed)
     trained = steps.run(train_realnvp, batches, config.train, config.seed, device)
     baselines = steps.run(fit_baselines, pca, split, config.baselines, config.seed)
-    samples = steps.run(sample_faces, trained, pca, faces, split, config.sample, config.seed)
+    new_people = steps.run(
+        score_new_people, faces, config.data, config.pca, config.train, config.baselines, config.seed, device
+    )
+    samples = steps.run(sample_faces, trained, pca, split, config.sample, config.seed)
     scores = steps.run(score_log_prob, trained, pca, faces, split, samples)
     interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate)
-    return split, pca, trained, samples, scores, interpolation, baselines, config
+    return split, pca, trained, samples, scores, interpolation, baselines, new_people, config

@@ -16,7 +16,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from faceflow.caching import KEYED_INPUTS, array_digest, content_key
-from faceflow.config import DataConfig
+from faceflow.config import IMAGES_PER_PERSON, DataConfig
 from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment, download_timeout
 from tasks.olivetti import DataFileError, read_olivetti_mat
 
@@ -105,18 +105,46 @@ def resolve_data_file(config: DataConfig) -> Path | None:
     return path
 
 
+def _person_orders(target: np.ndarray, split_seed: int) -> list[np.ndarray]:
+    """Each person's image indices in a seeded order; a split takes its parts from the front."""
+    rng = np.random.default_rng(split_seed)
+    return [rng.permutation(np.flatnonzero(target == person)) for person in np.unique(target)]
+
+
+def _split_from(fit: list[int], validation: list[int], heldout: list[int]) -> Split:
+    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in (fit, validation, heldout)]
+    return Split(content_key("split", *(p.tolist() for p in parts)), *parts)
+
+
 def split_indices(target: np.ndarray, config: DataConfig) -> Split:
     """Per person, a seeded choice of held-out and validation images; the rest is fitted on."""
-    rng = np.random.default_rng(config.split_seed)
     fit, validation, heldout = [], [], []
-    for person in np.unique(target):
-        order = rng.permutation(np.flatnonzero(target == person))
-        n_held, n_val = config.heldout_per_person, config.validation_per_person
+    n_held, n_val = config.heldout_per_person, config.validation_per_person
+    for order in _person_orders(target, config.split_seed):
         heldout.extend(order[:n_held])
         validation.extend(order[n_held : n_held + n_val])
         fit.extend(order[n_held + n_val :])
-    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in (fit, validation, heldout)]
-    return Split(content_key("split", *(p.tolist() for p in parts)), *parts)
+    return _split_from(fit, validation, heldout)
+
+
+def tuning_split_indices(target: np.ndarray, config: DataConfig) -> Split:
+    """The split a recipe is tuned on: the held-out images are dropped, never read.
+
+    Per person, the image after the held-out ones (the validation image of the default split)
+    becomes the tuning judge, returned as the held-out part; the recipe's own validation and fit
+    images come from the rest. A recipe is then trained exactly as in a run, one image per person
+    short, and scored on faces that no part of the recipe saw, whatever it does with its own
+    validation images (early stopping, or none and training on them).
+    """
+    fit, validation, judge = [], [], []
+    n_held, n_val = config.heldout_per_person, config.validation_per_person
+    if IMAGES_PER_PERSON - n_held - n_val < 2:
+        raise ValueError("tuning needs each person to keep a judge image and a fit image beside the held-out ones")
+    for order in _person_orders(target, config.split_seed):
+        judge.append(order[n_held])
+        validation.extend(order[n_held + 1 : n_held + 1 + n_val])
+        fit.extend(order[n_held + 1 + n_val :])
+    return _split_from(fit, validation, judge)
 
 
 def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:

@@ -10,7 +10,7 @@ from prefect import task
 
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import InterpolateConfig, SampleConfig
-from tasks.data import Faces, Split
+from tasks.data import Split
 from tasks.olivetti import IMAGE_SHAPE
 from tasks.pca import FittedPCA
 from tasks.train import TrainedFlow
@@ -24,8 +24,8 @@ class GeneratedFaces:
     coords: np.ndarray  # (n, d) PCA coordinates
     images: np.ndarray  # (n, 64, 64) in [0, 1]
     nearest_train_index: np.ndarray  # (n,) index into the 400 faces
-    nearest_train_distance: np.ndarray  # (n,) RMS pixel distance
-    heldout_nearest_train_distance: np.ndarray  # (n_heldout,) the same, for real unseen faces
+    nearest_train_distance: np.ndarray  # (n,) RMS pixel distance to the training faces' PCA reconstructions
+    heldout_nearest_train_distance: np.ndarray  # (n_heldout,) the same, for the held-out faces' reconstructions
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,13 @@ def nearest_rms_distance(queries: np.ndarray, references: np.ndarray) -> tuple[n
 
 
 def draw_samples(
-    trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, config: SampleConfig, seed: int
+    trained: TrainedFlow, pca: FittedPCA, split: Split, config: SampleConfig, seed: int
 ) -> GeneratedFaces:
-    """Base samples at temperature T -> flow -> inverse PCA; with nearest-training-face distances."""
+    """Base samples at temperature T -> flow -> inverse PCA; with nearest-training-face distances.
+
+    Samples are PCA reconstructions, so every distance is measured between reconstructions: a
+    held-out face's raw pixels carry the detail PCA drops and would sit further from everything.
+    """
     model = trained.model()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -66,8 +70,9 @@ def draw_samples(
     coords = coords.numpy()
     images = to_images(pca, coords)
     train_index = np.concatenate([split.fit, split.validation])
-    nearest, distance = nearest_rms_distance(images, faces.images[train_index])
-    _, heldout_distance = nearest_rms_distance(faces.images[split.heldout], faces.images[train_index])
+    train_images = to_images(pca, pca.coords[train_index])
+    nearest, distance = nearest_rms_distance(images, train_images)
+    _, heldout_distance = nearest_rms_distance(to_images(pca, pca.coords[split.heldout]), train_images)
     return GeneratedFaces(
         key=content_key("samples", trained, pca, config, seed),
         coords=coords,
@@ -117,10 +122,10 @@ def interpolate_between(
 
 @task(name="sample_faces", cache_policy=KEYED_INPUTS, persist_result=True)
 def sample_faces(
-    trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, config: SampleConfig, seed: int
+    trained: TrainedFlow, pca: FittedPCA, split: Split, config: SampleConfig, seed: int
 ) -> GeneratedFaces:
     """N new faces at the configured temperature."""
-    return draw_samples(trained, pca, faces, split, config, seed)
+    return draw_samples(trained, pca, split, config, seed)
 
 
 @task(name="interpolate_faces", cache_policy=KEYED_INPUTS, persist_result=True)

@@ -23,6 +23,7 @@ from tasks.baselines import Baselines
 from tasks.data import Split
 from tasks.generate import GeneratedFaces, Interpolation
 from tasks.model import checkpoint_payload
+from tasks.new_people import NewPeople
 from tasks.pca import FittedPCA
 from tasks.score import Scores, bits_per_dim
 from tasks.train import TrainedFlow
@@ -44,7 +45,8 @@ class RenderedReport:
 
 
 def run_metrics(
-    trained: TrainedFlow, pca: FittedPCA, scores: Scores, samples: GeneratedFaces, baselines: Baselines
+    trained: TrainedFlow, pca: FittedPCA, scores: Scores, samples: GeneratedFaces, baselines: Baselines,
+    new_people: NewPeople,
 ) -> dict[str, float]:
     """Every number the run is judged by, flat, for the CLI, the artifacts and metrics.json."""
     heldout = scores.mean_log_prob("heldout")
@@ -67,18 +69,32 @@ def run_metrics(
         "sample_nearest_distance_median": float(np.median(samples.nearest_train_distance)),
         "heldout_nearest_distance_median": float(np.median(samples.heldout_nearest_train_distance)),
         "samples_closer_than_any_heldout": float((samples.nearest_train_distance < closest_heldout).mean()),
+        "new_people_log_prob": new_people.flow_log_prob,
+        "new_people_bits_per_dim": bits_per_dim(new_people.flow_log_prob, scores.dim),
+        "new_people_count": float(len(new_people.person_flow_log_prob)),
+        "new_people_folds": float(len(new_people.folds)),
     }
     for result in baselines.results:
-        metrics[f"baseline_{result.name.replace(' ', '_').lower()}_heldout_log_prob"] = result.heldout_log_prob
+        name = _metric_name(result.name)
+        metrics[f"baseline_{name}_heldout_log_prob"] = result.heldout_log_prob
+        if result.name in new_people.folds[0].baseline_log_prob:
+            metrics[f"baseline_{name}_new_people_log_prob"] = new_people.baseline_log_prob(result.name)
     return metrics
 
 
-def baseline_frame(baselines: Baselines, dim: int) -> pd.DataFrame:
+def _metric_name(method: str) -> str:
+    return method.replace(" ", "_").lower()
+
+
+def baseline_frame(baselines: Baselines, dim: int, new_people: NewPeople) -> pd.DataFrame:
+    """One row per baseline; the lab recipe has no new-people figure (it is not retrained per fold)."""
+    measured = new_people.folds[0].baseline_log_prob
     return pd.DataFrame(
         [
             {
                 "method": r.name,
                 "heldout_log_prob": r.heldout_log_prob,
+                "new_people_log_prob": new_people.baseline_log_prob(r.name) if r.name in measured else float("nan"),
                 "bits_per_dim": bits_per_dim(r.heldout_log_prob, dim),
                 "train_seconds": r.train_seconds,
                 "detail": r.detail,
@@ -126,11 +142,11 @@ def _checkpoint_bytes(trained: TrainedFlow) -> bytes:
 
 def write_report(
     run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces,
-    scores: Scores, interpolation: Interpolation, baselines: Baselines, config: FaceflowConfig,
+    scores: Scores, interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
 ) -> tuple[RunReport, RenderedReport]:
     """Build the report and write the run folder; returns what the artifacts show."""
-    metrics = run_metrics(trained, pca, scores, samples, baselines)
-    baseline_table = baseline_frame(baselines, pca.n_components)
+    metrics = run_metrics(trained, pca, scores, samples, baselines, new_people)
+    baseline_table = baseline_frame(baselines, pca.n_components, new_people)
     comparison = comparison_table(metrics, baseline_table)
     findings = conclusions(metrics, baseline_table)
     pngs = render_figures(trained, pca, scores, samples, interpolation, config)
@@ -149,16 +165,20 @@ def write_report(
         "model.pt": _checkpoint_bytes(trained),
     }
     write_run_folder(run_folder, files)
-    result = RunReport(content_key("report", run_folder, trained, samples, scores, interpolation, baselines), run_folder, metrics)
+    result = RunReport(
+        content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people), run_folder, metrics
+    )
     return result, RenderedReport(embedded, comparison)
 
 
 @task(name="report", cache_policy=KEYED_INPUTS, persist_result=True)
 def report(
     run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces,
-    scores: Scores, interpolation: Interpolation, baselines: Baselines, config: FaceflowConfig,
+    scores: Scores, interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
 ) -> RunReport:
     """report.md with figures, artifacts in Prefect, and the model files in the run folder."""
-    result, rendered = write_report(run_folder, split, pca, trained, samples, scores, interpolation, baselines, config)
+    result, rendered = write_report(
+        run_folder, split, pca, trained, samples, scores, interpolation, baselines, new_people, config
+    )
     publish_artifacts(rendered.markdown, rendered.comparison, scores.table, result.metrics)
     return result

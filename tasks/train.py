@@ -13,7 +13,7 @@ import normflows as nf
 import torch
 from prefect import task
 from torch.optim.swa_utils import get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import TrainConfig
@@ -97,15 +97,21 @@ def input_noise_scale(std: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return config.input_noise * std * (std.mean() / std) ** config.noise_exponent
 
 
+def face_loader(coords: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled, seeded batches of ``coords``, a new order every pass.
+
+    The sampler yields a whole batch of indices at once and the dataset is indexed once per
+    batch, with no per-item collation: item by item, collating cost more than the small
+    networks' compute.
+    """
+    dataset = TensorDataset(coords)
+    order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
+
+
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
     """DataLoader over the fit faces' coordinates: batch size from config, shuffled, seeded."""
-    fit = torch.from_numpy(pca.coords[split.fit])
-    loader = DataLoader(
-        TensorDataset(fit),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    loader = face_loader(torch.from_numpy(pca.coords[split.fit]), config.batch_size, seed)
     validation = torch.from_numpy(pca.coords[split.validation])
     return FaceBatches(content_key("batches", pca, split, config.batch_size, seed), loader, validation)
 
@@ -127,26 +133,21 @@ def train_flow(
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
     device: str | None = None,
 ) -> TrainedFlow:
-    """Fit by maximum likelihood; keep the weights with the best validation log p.
-
-    The loop reads the DataLoader's tensor and generator once and slices shuffled batches
-    itself: per-item collation would cost more than the small networks' compute.
-    """
+    """Fit by maximum likelihood on the loader's batches; keep the weights with the best validation log p."""
     device = torch.device(device) if device else resolve_device(config.device)
-    data = batches.loader.dataset.tensors[0].to(device)
+    # A copy: iterating advances the sampler's generator, and the loader may be a cached result
+    # shared by later runs in this process, which must see the same batches.
+    loader = copy.deepcopy(batches.loader)
+    fit = loader.dataset.tensors[0].to(device)  # for the whitening statistics and ActNorm's initialisation
     validation = batches.validation.to(device)
-    # A copy: the loader may be a cached result shared by later runs in this process.
-    generator = torch.Generator().set_state(batches.loader.generator.get_state())
-    batch_size = batches.loader.batch_size
-    clean = data[torch.isfinite(data).all(1)]
+    clean = fit[torch.isfinite(fit).all(1)]
     mean, std = clean.mean(0), clean.std(0)
-    spec = ModelSpec(dim=data.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
+    spec = ModelSpec(dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
 
     torch.manual_seed(seed)
     model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
     optimizer = make_optimizer(trainable_parameters(model), config)
-    steps_per_epoch = math.ceil(len(data) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
     noise_scale = input_noise_scale(std, config)
     with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
         model.log_prob(clean + noise_scale * torch.randn_like(clean))
@@ -162,10 +163,9 @@ def train_flow(
     started = time.perf_counter()
     model.train()
     for epoch in range(1, config.epochs + 1):
-        order = torch.randperm(len(data), generator=generator).to(device)
         epoch_loss, finite_batches = 0.0, 0
-        for start in range(0, len(data), batch_size):
-            batch = data[order[start : start + batch_size]]
+        for (batch,) in loader:
+            batch = batch.to(device)
             if config.noise_draws > 1:
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn_like(batch)

@@ -18,11 +18,15 @@ METRICS = {
     "heldout_log_prob": -40.0, "heldout_bits_per_dim": 0.9, "train_seconds": 5.0, "best_epoch": 90.0,
     "epochs": 100.0, "n_components": 64.0, "heldout_nonfinite": 0.0, "nonfinite_steps": 0.0,
     "sample_nearest_distance_median": 0.10, "heldout_nearest_distance_median": 0.08,
-    "samples_closer_than_any_heldout": 0.0,
+    "samples_closer_than_any_heldout": 0.0, "new_people_log_prob": -60.0, "new_people_count": 4.0, "new_people_folds": 1.0,
 }
 BASELINES = pd.DataFrame([
-    {"method": "diagonal Gaussian", "heldout_log_prob": -56.0, "bits_per_dim": 1.26, "train_seconds": 0.0, "detail": ""},
-    {"method": "GaussianMixture", "heldout_log_prob": -30.0, "bits_per_dim": 0.7, "train_seconds": 1.0, "detail": ""},
+    {"method": "diagonal Gaussian", "heldout_log_prob": -56.0, "new_people_log_prob": -70.0, "bits_per_dim": 1.26,
+     "train_seconds": 0.0, "detail": ""},
+    {"method": "GaussianMixture", "heldout_log_prob": -30.0, "new_people_log_prob": -65.5, "bits_per_dim": 0.7,
+     "train_seconds": 1.0, "detail": ""},
+    {"method": "lab recipe", "heldout_log_prob": -50.0, "new_people_log_prob": float("nan"), "bits_per_dim": 1.1,
+     "train_seconds": 15.0, "detail": ""},
 ])
 
 
@@ -31,9 +35,20 @@ def test_conclusions_follow_the_numbers() -> None:
     assert any("beats the diagonal Gaussian (-56.00) by 16.00" in line for line in lines)
     assert any("falls short of the GaussianMixture (-30.00) by 10.00" in line for line in lines)
     assert any("not copies" in line for line in lines)
-    assert any("--include-lab-recipe" in line for line in lines)
+    assert not any("--include-lab-recipe" in line for line in lines)
+    assert any("--include-lab-recipe" in line for line in conclusions(METRICS, BASELINES.iloc[:2]))
     memorised = conclusions(METRICS | {"samples_closer_than_any_heldout": 0.75}, BASELINES)
     assert any("look memorised" in line for line in memorised)
+
+
+def test_new_people_are_reported_beside_the_known_people_against_the_best_baseline_there() -> None:
+    lines = conclusions(METRICS, BASELINES)
+    line = next(line for line in lines if "4 people left out" in line)
+    assert "1 fold," in line and "-60.00 nats per face, against -40.00" in line
+    assert "beats the best baseline, the GaussianMixture (-65.50), by 5.50" in line
+    table = markdown_table(comparison_table(METRICS, BASELINES))
+    assert table.splitlines()[0].startswith("| method | heldout_log_prob | new_people_log_prob |")
+    assert "| lab recipe | -50.00 | n/a |" in table
 
 
 def test_non_finite_log_prob_is_shown_not_crashed_on() -> None:

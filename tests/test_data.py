@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 
 from faceflow.config import DataConfig
-from tasks.data import DataUnavailableError, load_faces, split_indices
+from tasks.data import DataUnavailableError, load_faces, split_indices, tuning_split_indices
 from tasks.olivetti import DataFileError, read_olivetti_mat
 
 
@@ -56,11 +56,14 @@ def test_no_network_and_no_file_says_how_to_provide_data() -> None:
 
 def test_split_holds_out_two_per_person_disjointly() -> None:
     target = np.repeat(np.arange(40), 10)
-    split = split_indices(target, DataConfig())
+    split = split_indices(target, DataConfig(validation_per_person=1))
     assert len(split.heldout) == 80 and len(split.validation) == 40 and len(split.fit) == 280
     assert np.bincount(target[split.heldout]).tolist() == [2] * 40
     everything = np.concatenate([split.fit, split.validation, split.heldout])
     assert sorted(everything.tolist()) == list(range(400))
+    default = split_indices(target, DataConfig())  # no validation part: PCA and flow fit all 8 others
+    assert np.array_equal(default.heldout, split.heldout) and len(default.validation) == 0
+    assert np.array_equal(default.fit, np.sort(np.concatenate([split.fit, split.validation])))
 
 
 def test_split_is_seeded() -> None:
@@ -70,3 +73,15 @@ def test_split_is_seeded() -> None:
     other = split_indices(target, DataConfig(split_seed=4))
     assert np.array_equal(first.heldout, again.heldout) and first.key == again.key
     assert not np.array_equal(first.heldout, other.heldout)
+
+
+@pytest.mark.parametrize("validation_per_person", [0, 1, 2])
+def test_tuning_split_drops_the_heldout_faces_and_judges_on_the_default_validation_faces(validation_per_person: int) -> None:
+    target = np.repeat(np.arange(40), 10)
+    run = split_indices(target, DataConfig(split_seed=5, validation_per_person=1))
+    tuning = tuning_split_indices(target, DataConfig(split_seed=5, validation_per_person=validation_per_person))
+    assert np.array_equal(tuning.heldout, run.validation)  # the judge: one image per person
+    used = np.concatenate([tuning.fit, tuning.validation, tuning.heldout])
+    assert len(used) == len(set(used.tolist())) == 320
+    assert not set(used.tolist()) & set(run.heldout.tolist())
+    assert np.bincount(target[tuning.validation], minlength=40).tolist() == [validation_per_person] * 40

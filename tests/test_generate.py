@@ -29,3 +29,28 @@ def test_nearest_rms_distance_finds_the_closest_image() -> None:
     index, distance = nearest_rms_distance(np.full((1, 2, 2), 0.9), references)
     assert index.tolist() == [1]
     assert distance[0] == pytest.approx(0.1)
+
+
+def test_memorisation_distances_compare_pca_reconstructions_on_both_sides(faces) -> None:
+    """A held-out face whose PCA coordinates equal a training face's is at distance 0, whatever its raw pixels."""
+    import dataclasses
+
+    from faceflow.config import DataConfig, PCAConfig, SampleConfig, TrainConfig
+    from tasks.data import split_indices
+    from tasks.generate import draw_samples, to_images
+    from tasks.pca import fit_pca_on
+    from tasks.train import make_batches, train_flow
+
+    split = split_indices(faces.target, DataConfig())
+    pca = fit_pca_on(faces, split, PCAConfig())
+    quick = TrainConfig(epochs=1, num_layers=2, hidden_units=8, device="cpu")
+    trained = train_flow(make_batches(pca, split, quick, 0), quick, seed=0)
+    coords = pca.coords.copy()
+    coords[split.heldout[0]] = coords[split.fit[0]]
+    copied = dataclasses.replace(pca, coords=coords)
+    samples = draw_samples(trained, copied, split, SampleConfig(n_samples=4), seed=0)
+    assert samples.heldout_nearest_train_distance[0] == pytest.approx(0.0, abs=1e-6)
+    assert np.abs(faces.images[split.heldout[0]] - faces.images[split.fit[0]]).max() > 0.1  # unlike their pixels
+    # A sample's distance is to the nearest training face's reconstruction.
+    _, expected = nearest_rms_distance(samples.images, to_images(copied, coords[np.concatenate([split.fit, split.validation])]))
+    np.testing.assert_allclose(samples.nearest_train_distance, expected)

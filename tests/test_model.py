@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from faceflow.config import TrainConfig
 from tasks.model import ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 
 DIM = 8
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, num_layers: int = 3):
     torch.manual_seed(seed)
-    model = build_realnvp(ModelSpec(dim=DIM, num_layers=3, hidden_units=16), np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM))
+    spec = ModelSpec(dim=DIM, num_layers=num_layers, hidden_units=16)
+    model = build_realnvp(spec, np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM))
     with torch.no_grad():
         model.log_prob(torch.randn(32, DIM))  # ActNorm's data-dependent init, before the perturbation
         # Random weights everywhere so the couplings, mix and ActNorm are not the identity they start as.
@@ -26,8 +28,9 @@ def _model(seed: int = 0):
     return model.eval()
 
 
-def test_inverse_of_forward_is_identity() -> None:
-    model = _model()
+@pytest.mark.parametrize("num_layers", [3, TrainConfig().num_layers])
+def test_inverse_of_forward_is_identity(num_layers: int) -> None:
+    model = _model(num_layers=num_layers)
     z = torch.randn(16, DIM)
     with torch.no_grad():
         x, log_det_forward = model.forward_and_log_det(z)
@@ -37,8 +40,9 @@ def test_inverse_of_forward_is_identity() -> None:
     assert x.shape == z.shape and x.dtype == torch.float32
 
 
-def test_sampling_and_scoring_agree_on_the_density() -> None:
-    model = _model()
+@pytest.mark.parametrize("num_layers", [3, TrainConfig().num_layers])
+def test_sampling_and_scoring_agree_on_the_density(num_layers: int) -> None:
+    model = _model(num_layers=num_layers)
     with torch.no_grad():
         x, log_q = model.sample(64)  # density tracked along the forward (sampling) direction
         torch.testing.assert_close(model.log_prob(x), log_q, atol=1e-3, rtol=1e-4)

@@ -21,7 +21,7 @@ from tasks.model import load_checkpoint
 
 ALL_TASKS = {
     "fetch_faces", "split_faces", "fit_pca", "build_dataloader", "train_realnvp",
-    "fit_baselines", "sample_faces", "score_log_prob", "interpolate_faces", "report",
+    "fit_baselines", "score_new_people", "sample_faces", "score_log_prob", "interpolate_faces", "report",
 }
 DOWNSTREAM_OF_SAMPLES = {"sample_faces", "score_log_prob", "report"}
 RUN_FILES = {
@@ -94,7 +94,7 @@ def test_run_folder_holds_every_output(first_run: dict) -> None:
 
 def test_metrics_are_numbers(first_run: dict) -> None:
     metrics = first_run["metrics"]
-    for name in ("heldout_log_prob", "heldout_bits_per_dim", "validation_log_prob", "train_seconds"):
+    for name in ("heldout_log_prob", "heldout_bits_per_dim", "new_people_log_prob", "train_seconds"):
         assert isinstance(metrics[name], float) and np.isfinite(metrics[name])
     assert metrics["n_components"] == 64 and metrics["epochs"] == 3
 

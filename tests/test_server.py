@@ -18,7 +18,7 @@ import pytest
 
 from faceflow.server import local_server
 from support import (
-    assert_no_process_left, faceflow, flow_run_states, kill_tagged, new_tag, tagged_env, tagged_processes,
+    assert_no_process_left, describe, faceflow, flow_run_states, kill_tagged, new_tag, tagged_env, tagged_processes,
     wait_for_text,
 )
 
@@ -66,7 +66,8 @@ def test_a_signal_during_training_ends_the_run_crashed_and_leaves_nothing(
 ) -> None:
     process, stderr = start_run(tmp_path, tag, data_file, *LONG_TRAINING)
     wait_for_text(stderr, "train_realnvp", process, timeout=300)
-    assert len(tagged_processes(tag)) == 2  # the command and the server it started
+    running = tagged_processes(tag)
+    assert len(running) == 2, describe(running)  # the command and the server it started
     stop(process)
     # communicate() returns only once every holder of the stdout pipe has closed it: no orphan keeps it.
     process.communicate(timeout=120)
@@ -74,7 +75,7 @@ def test_a_signal_during_training_ends_the_run_crashed_and_leaves_nothing(
     assert_no_process_left(tag)
     outputs = tmp_path / "outputs"
     assert not outputs.exists() or not any(outputs.iterdir())  # nothing half-written
-    assert recorded_states(tmp_path / "home") == ["Crashed"]
+    assert recorded_states(tmp_path / "home") == ["Crashed"], stderr.read_text()[-3000:]
 
 
 def test_sigkill_leaves_no_server(tmp_path: Path, tag: str, data_file: Path) -> None:

@@ -5,16 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from faceflow.config import TrainConfig
-from tasks.train import FaceBatches, train_flow
+from tasks.train import FaceBatches, face_loader, train_flow
 
 
 def _batches(data: np.ndarray, validation: np.ndarray, batch_size: int = 16) -> FaceBatches:
-    loader = DataLoader(TensorDataset(torch.from_numpy(data)), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
-    return FaceBatches("test", loader, torch.from_numpy(validation))
+    return FaceBatches("test", face_loader(torch.from_numpy(data), batch_size, seed=0), torch.from_numpy(validation))
 
 
 def _correlated(n: int, seed: int) -> np.ndarray:
@@ -85,10 +82,11 @@ def test_without_validation_the_last_weights_are_kept() -> None:
 
 def test_training_leaves_the_loaders_generator_alone() -> None:
     batches = _batches(_correlated(64, 0), _correlated(16, 1))
-    before = batches.loader.generator.get_state()
+    generator = batches.loader.sampler.sampler.generator
+    before = generator.get_state()
     first = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
     second = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
-    assert torch.equal(batches.loader.generator.get_state(), before)
+    assert torch.equal(generator.get_state(), before)
     assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
 
 
@@ -103,3 +101,26 @@ def test_actnorm_is_initialised_from_fit_faces_only_and_the_averaged_copy_shares
         torch.testing.assert_close(kept[0][name], kept[1][name], rtol=0, atol=0, msg=name)
     actnorm = [name for name in kept[0] if name.endswith("data_dep_init_done")]
     assert actnorm and all(bool(kept[0][name]) for name in actnorm)
+
+
+def test_loader_yields_whole_shuffled_batches_of_every_face_each_pass() -> None:
+    coords = torch.arange(10, dtype=torch.float32)[:, None].repeat(1, 2)
+    loader = face_loader(coords, batch_size=4, seed=0)
+    passes = [[batch for (batch,) in loader] for _ in range(2)]
+    assert [len(batch) for batch in passes[0]] == [4, 4, 2]
+    orders = [torch.cat(batches)[:, 0].tolist() for batches in passes]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(10))
+    assert orders[0] != orders[1] and orders[0] != list(range(10))
+
+
+def test_training_steps_are_the_loaders_batches() -> None:
+    """The loop trains on what the DataLoader yields: a loader over other faces trains another model."""
+    data = _correlated(64, 0)
+    config = SMALL.model_copy(update={"epochs": 2})
+    batches = _batches(data, _correlated(16, 1), batch_size=16)
+    trained = train_flow(batches, config, seed=0)
+    assert trained.steps == 2 * len(batches.loader) == 8
+    reordered = _batches(data, _correlated(16, 1), batch_size=16)
+    reordered.loader.sampler.sampler.generator.manual_seed(1)
+    other = train_flow(reordered, config, seed=0)
+    assert [h.train_loss for h in other.history] != [h.train_loss for h in trained.history]

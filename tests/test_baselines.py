@@ -1,0 +1,81 @@
+"""Baselines: the KDE is the exact density it claims to be, and choices never look at held-out faces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from faceflow.config import BaselineConfig, DataConfig, PCAConfig
+from tasks.baselines import diagonal_mixture, fit_baseline_models, gaussian_kde, kde_log_prob, selection_folds
+from tasks.data import split_indices
+from tasks.pca import fit_pca_on
+
+
+def _clusters(n_per: int, seed: int, dim: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0] * dim, [6.0] * dim, [-6.0, 6.0] + [0.0] * (dim - 2)])
+    return np.concatenate([c + 0.3 * rng.normal(size=(n_per, dim)) for c in centres])
+
+
+def test_kde_is_the_mean_of_gaussian_densities_around_the_centres() -> None:
+    rng = np.random.default_rng(0)
+    centres, queries, scale = rng.normal(size=(5, 3)), rng.normal(size=(4, 3)), np.array([0.5, 1.0, 2.0])
+    brute = np.log(np.mean([multivariate_normal(c, np.diag((0.7 * scale) ** 2)).pdf(queries) for c in centres], axis=0))
+    np.testing.assert_allclose(kde_log_prob(queries, centres, scale, 0.7), brute, rtol=1e-10)
+
+
+def test_kde_stays_exact_far_from_every_centre() -> None:
+    """Where each kernel's density underflows to zero, the log-sum-exp still gives the right log p."""
+    centres, scale = np.zeros((2, 2)), np.ones(2)
+    far = np.array([[60.0, 0.0]])
+    expected = -0.5 * 3600 - np.log(2 * np.pi)  # N(far; 0, I) in 2-d, bandwidth 1
+    np.testing.assert_allclose(kde_log_prob(far, centres, scale, 1.0), [expected], rtol=1e-12)
+
+
+def test_kde_density_is_in_the_given_coordinates() -> None:
+    """Stretching the data by 10 costs log(10) nats per dimension: the whitening's Jacobian is in the density."""
+    fit, validation, heldout = _clusters(20, 0), _clusters(5, 1), _clusters(5, 2)
+    plain = gaussian_kde(fit, validation, seed=0)
+    stretched = gaussian_kde(fit * 10, validation * 10, seed=0)
+    assert plain.detail == stretched.detail
+    np.testing.assert_allclose(stretched.log_prob(heldout * 10), plain.log_prob(heldout) - 3 * np.log(10), rtol=1e-10)
+
+
+def test_kde_bandwidth_is_chosen_on_validation_never_on_heldout() -> None:
+    fit, validation = _clusters(20, 0), _clusters(5, 1)
+    chosen = gaussian_kde(fit, validation, seed=0)
+    for heldout in (_clusters(5, 2), _clusters(5, 2) * 3 + 40):
+        again = gaussian_kde(fit, validation, seed=0)
+        assert again.detail == chosen.detail
+        np.testing.assert_array_equal(again.log_prob(heldout), chosen.log_prob(heldout))
+    # Validation faces between the clusters call for wider kernels: the choice does follow validation.
+    assert gaussian_kde(fit, validation * 0.5, seed=0).detail != chosen.detail
+
+
+def test_mixture_picks_the_component_count_validation_prefers() -> None:
+    fit, validation = _clusters(30, 0), _clusters(10, 1)
+    chosen = diagonal_mixture(fit, validation, max_components=6, seed=0)
+    assert "diagonal, 3 of 1..6" in chosen.detail
+    single = diagonal_mixture(fit, validation, max_components=1, seed=0)
+    assert chosen.validation_log_prob > single.validation_log_prob + 5
+
+
+def test_without_validation_faces_the_choice_is_cross_validated_on_the_fit_faces() -> None:
+    fit = _clusters(30, 0)
+    chosen = diagonal_mixture(fit, np.empty((0, 3)), max_components=6, seed=0)
+    assert "3 of 1..6" in chosen.detail and chosen.validation_log_prob is not None
+    folds = selection_folds(len(fit), seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(fit)))
+
+
+def test_real_split_with_validation_faces_kde_and_mixture(faces) -> None:
+    """On split 0 with one validation image per person, the KDE's validation choice is 0.70 and beats the diagonal models."""
+    split = split_indices(faces.target, DataConfig(validation_per_person=1))
+    pca = fit_pca_on(faces, split, PCAConfig())
+    results = {r.name: r for r in fit_baseline_models(pca, split, BaselineConfig(), seed=0).results}
+    assert list(results) == ["diagonal Gaussian", "GaussianMixture", "Gaussian KDE"]
+    assert results["Gaussian KDE"].detail.startswith("bandwidth 0.70")
+    assert results["Gaussian KDE"].heldout_log_prob == pytest.approx(-46.87, abs=0.01)
+    assert results["Gaussian KDE"].heldout_log_prob > results["GaussianMixture"].heldout_log_prob
+    assert results["GaussianMixture"].heldout_log_prob > results["diagonal Gaussian"].heldout_log_prob

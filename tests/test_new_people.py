@@ -1,0 +1,46 @@
+"""New people: whole people left out of PCA, flow and baselines, in disjoint seeded folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from faceflow.config import BaselineConfig, DataConfig, PCAConfig, TrainConfig
+from tasks.data import split_indices
+from tasks.new_people import evaluate_new_people, new_people_of_fold, new_people_split
+
+TARGET = np.repeat(np.arange(40), 10)
+
+
+def test_folds_hold_disjoint_people_drawn_from_the_split_seed() -> None:
+    config = DataConfig(new_people_per_fold=4, new_people_folds=10)
+    folds = [new_people_of_fold(config, fold) for fold in range(10)]
+    assert sorted(person for fold in folds for person in fold) == list(range(40))
+    assert new_people_of_fold(config.model_copy(update={"new_people_folds": 1}), 0) == folds[0]
+    assert new_people_of_fold(DataConfig(split_seed=1), 0) != folds[0]
+
+
+def test_new_people_split_leaves_every_image_of_them_out_and_keeps_the_rest_of_the_run_split() -> None:
+    config = DataConfig()
+    people = [3, 17, 22, 39]
+    split = new_people_split(TARGET, config, people)
+    run = split_indices(TARGET, config)
+    assert sorted(split.heldout.tolist()) == [i for i in range(400) if TARGET[i] in people]
+    assert not np.isin(TARGET[np.concatenate([split.fit, split.validation])], people).any()
+    assert np.array_equal(split.fit, run.fit[~np.isin(TARGET[run.fit], people)])
+    assert np.array_equal(split.validation, run.validation[~np.isin(TARGET[run.validation], people)])
+
+
+def test_evaluation_scores_every_image_of_each_new_person(faces) -> None:
+    data = DataConfig(new_people_per_fold=3, new_people_folds=2)
+    quick = TrainConfig(epochs=2, num_layers=2, hidden_units=16, device="cpu")
+    result = evaluate_new_people(faces, data, PCAConfig(), quick, BaselineConfig(gmm_max_components=2), seed=0, device="cpu")
+    assert [fold.people for fold in result.folds] == [new_people_of_fold(data, 0), new_people_of_fold(data, 1)]
+    assert len(result.person_flow_log_prob) == 6 and np.isfinite(result.person_flow_log_prob).all()
+    # Every person has 10 images, so a fold's mean is the mean of its people's means.
+    for fold in result.folds:
+        assert fold.flow_log_prob == pytest.approx(np.mean(fold.person_flow_log_prob))
+    assert set(result.folds[0].baseline_log_prob) == {"diagonal Gaussian", "GaussianMixture", "Gaussian KDE"}
+    assert result.baseline_log_prob("Gaussian KDE") == pytest.approx(
+        np.mean([fold.baseline_log_prob["Gaussian KDE"] for fold in result.folds])
+    )
