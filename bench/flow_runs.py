@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from faceflow.server import free_port, local_server
+from commands.server import free_port, local_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def cold_run(workdir: Path, data_file: Path) -> dict:
     use on a machine also pays for creating and migrating it. Run again in the same ``workdir``
     it is an identical re-run as a new process: every task cached, the server started again.
     """
-    command = [sys.executable, "-m", "faceflow.cli", "run", "--json", "--output-dir", str(workdir / "outputs")]
+    command = [sys.executable, "-m", "commands.cli", "run", "--json", "--output-dir", str(workdir / "outputs")]
     wall, peak, stdout = run_and_watch(command, _cli_env(workdir, data_file), workdir)
     summary = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_seconds": wall, "peak_rss_bytes": peak, "tasks": summary["tasks"], "metrics": summary["metrics"]}
@@ -82,7 +82,7 @@ def reruns_beside_ui(workdir: Path, data_file: Path, repeats: int) -> list[dict]
     log = workdir / "ui.log"
     with log.open("wb") as output:
         ui = subprocess.Popen(
-            [sys.executable, "-m", "faceflow.cli", "ui", "--port", str(free_port())], env=_cli_env(workdir, data_file),
+            [sys.executable, "-m", "commands.cli", "ui", "--port", str(free_port())], env=_cli_env(workdir, data_file),
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -117,7 +117,7 @@ RERUN_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
 from faceflow.config import FaceflowConfig
-from faceflow.runner import run_pipeline
+from commands.runner import run_pipeline
 # The same config as the cold `faceflow run`, whose --data-file came from FACEFLOW_DATA_FILE.
 config = FaceflowConfig.model_validate({"output_dir": sys.argv[1], "data": {"data_file": os.environ["FACEFLOW_DATA_FILE"]}})
 timings = {}
@@ -192,7 +192,7 @@ def orphans_after_runs(workdir: Path, data_file: Path, rounds: int = 5) -> dict:
         for kind, (arguments, end) in ENDINGS.items():
             stderr = workdir / "stderr.txt"
             process = subprocess.Popen(
-                [sys.executable, "-m", "faceflow.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
+                [sys.executable, "-m", "commands.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
                 start_new_session=True,
             )

@@ -14,7 +14,7 @@ from uuid import UUID
 import psutil
 from prefect.client.orchestration import SyncPrefectClient
 
-from faceflow.server import free_port
+from commands.server import free_port
 
 TAG_VARIABLE = "FACEFLOW_TEST_TAG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def kill_tagged(tag: str) -> None:
 
 
 def faceflow(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "faceflow.cli", *arguments]
+    return [sys.executable, "-m", "commands.cli", *arguments]
 
 
 def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from faceflow.cli import config_fields, option_name
-from faceflow.server import local_server
+from commands.cli import config_fields, option_name
+from commands.server import local_server
 from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env
 
 
@@ -133,7 +133,7 @@ def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path:
 
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from faceflow.runner import flush_to_api
+    from commands.runner import flush_to_api
 
     with local_server(tmp_path_factory.mktemp("flow-validation"), timeout=300) as server:
         yield server.api_url

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from faceflow.cli import config_fields, option_name
+from commands.cli import config_fields, option_name
 from faceflow.config import FaceflowConfig
 
 BAD_VALUES = [
@@ -52,7 +52,7 @@ def test_every_field_has_a_unique_option_and_a_description() -> None:
 
 def _cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "faceflow.cli", *arguments], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "commands.cli", *arguments], cwd=cwd, capture_output=True, text=True, timeout=120,
         env=os.environ | {"COLUMNS": "200"},
     )
 

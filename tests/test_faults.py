@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from artifacts.run_folder import OutputFolderError, write_run_folder
-from faceflow.server import local_server
+from commands.server import local_server
 from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env, wait_for_text
 from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from artifacts.run_folder import run_folder_problems
-from faceflow.server import local_server
+from commands.server import local_server
 from tasks.model import load_checkpoint
 
 ALL_TASKS = {
@@ -47,7 +47,7 @@ def faceflow_cli(server: str, workdir: Path, data_file: Path, *arguments: str) -
     """`faceflow run` in a fresh process against the test server; its stdout."""
     env = os.environ | {"PREFECT_API_URL": server, "FACEFLOW_DATA_FILE": str(data_file)}
     result = subprocess.run(
-        [sys.executable, "-m", "faceflow.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
+        [sys.executable, "-m", "commands.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from faceflow.server import free_port
+from commands.server import free_port
 from support import RunningUI, assert_no_process_left, kill_tagged, new_tag, run_deployment, wait_for_state
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from faceflow.server import local_server
+from commands.server import local_server
 from support import (
     assert_no_process_left, describe, faceflow, flow_run_states, kill_tagged, new_tag, tagged_env, tagged_processes,
     wait_for_text,

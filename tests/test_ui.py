@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from faceflow.server import SERVER_RECORD, free_port, is_healthy, local_server
+from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
 from support import (
     RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, tagged_processes,
     wait_for_state,

@@ -1,6 +1,6 @@
 """Run a command that the kernel stops when the process that started it dies.
 
-``python -m faceflow.tether PARENT_PID COMMAND...`` asks Linux to send this process SIGTERM
+``python -m commands.tether PARENT_PID COMMAND...`` asks Linux to send this process SIGTERM
 when its parent dies (``PR_SET_PDEATHSIG``), checks that the parent is still ``PARENT_PID``
 (it may have died before the request), restores the default action of SIGINT and SIGTERM,
 then replaces itself with ``COMMAND``. The request

@@ -6,7 +6,7 @@ starts ``prefect server start`` on 127.0.0.1, waits for it as long as a loaded m
 stops it on every way out: the caller's ``with`` block ends, an error, SIGINT or SIGTERM turned
 into exceptions by the caller, a readiness timeout. The server runs in its own session, so a
 terminal's Ctrl-C reaches only the faceflow command, which records the run's end in the server
-before stopping it; and it is started through ``faceflow.tether``, so the kernel stops it even
+before stopping it; and it is started through ``commands.tether``, so the kernel stops it even
 when the command is killed outright.
 
 This module imports nothing from Prefect: a command decides where its server is, and starts
@@ -75,8 +75,8 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def tethered(command: list[str]) -> list[str]:
-    """``command`` run through faceflow.tether: the kernel stops it when this process dies."""
-    return [sys.executable, "-m", "faceflow.tether", str(os.getpid()), *command]
+    """``command`` run through commands.tether: the kernel stops it when this process dies."""
+    return [sys.executable, "-m", "commands.tether", str(os.getpid()), *command]
 
 
 def start_server(home: Path, port: int | None = None, ui: bool = False) -> LocalServer:

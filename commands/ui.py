@@ -22,11 +22,11 @@ from pathlib import Path
 
 import psutil
 
-from faceflow.server import (
+from commands.server import (
     LocalServer, ServerError, is_healthy, local_server, recorded_server, remove_record, tethered, write_record,
 )
 from faceflow.settings import API_URL_VARIABLE, DATA_FILE_VARIABLE, api_url_from_environment, prefect_home
-from faceflow.tether import become_subreaper
+from commands.tether import become_subreaper
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "faceflow-local"  # the pool prefect.yaml's deployments name

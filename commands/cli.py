@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from artifacts.run_folder import OutputFolderError, check_output_folder
 from faceflow.config import FaceflowConfig
-from faceflow.server import ServerError, api_server
+from commands.server import ServerError, api_server
 from faceflow.settings import (
     API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, prefect_home, server_start_timeout,
 )
@@ -98,7 +98,7 @@ def _run_on_a_server(config: FaceflowConfig, start_timeout: float) -> dict[str, 
     """The flow on the server this PREFECT_HOME uses, started here (and stopped) if none is up."""
     with api_server(prefect_home()) as server:
         os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, just below
-        from faceflow.runner import run_pipeline  # torch, scikit-learn, Prefect: seconds that overlap the server's start
+        from commands.runner import run_pipeline  # torch, scikit-learn, Prefect: seconds that overlap the server's start
 
         server.wait_until_ready(start_timeout)
         return run_pipeline(config, server.api_url)
@@ -189,7 +189,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the server and its UI on 127.0.0.1.", min=1, max=65535)] = 4200,
 ) -> None:
     """The Prefect UI with faceflow's deployments and a worker; Ctrl-C stops all of it."""
-    from faceflow.ui import UIError, serve_ui
+    from commands.ui import UIError, serve_ui
 
     try:
         serve_ui(port, server_start_timeout())

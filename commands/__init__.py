@@ -1,0 +1,1 @@
+"""What the `faceflow` command runs: the CLI, `faceflow ui`, the Prefect server lifecycle."""
