@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -64,16 +64,18 @@ def explained_variance(cumulative: np.ndarray, target: float, from_target: int, 
     return figure
 
 
-def loss_curve(train_loss: list[float], validation_log_prob: list[float | None], best_epoch: int) -> Figure:
-    """Training negative log-likelihood (noisy inputs) and validation log p per epoch."""
+def loss_curve(train_loss: Sequence[float], validation_log_prob: Sequence[float], best_epoch: int | None) -> Figure:
+    """Training negative log-likelihood (noisy inputs) and validation log p per epoch (NaN: not validated)."""
     figure = Figure(figsize=(6, 3.2))
     axis = figure.subplots()
     epochs = np.arange(1, len(train_loss) + 1)
     axis.plot(epochs, train_loss, label="train NLL (with input noise)", color="tab:blue")
-    validated = [(e, -v if np.isfinite(v) else np.nan) for e, v in zip(epochs, validation_log_prob, strict=True) if v is not None]
-    if validated:
-        axis.plot(*zip(*validated, strict=True), label="validation NLL", color="tab:orange")
-    axis.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
+    validation = np.asarray(validation_log_prob, dtype=np.float64)
+    validated = np.isfinite(validation)
+    if validated.any():
+        axis.plot(epochs[validated], -validation[validated], label="validation NLL", color="tab:orange")
+    if best_epoch is not None:
+        axis.axvline(best_epoch, color="grey", linestyle=":", label=f"kept: epoch {best_epoch}")
     axis.set(xlabel="epoch", ylabel="nats per face")
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -102,6 +104,3 @@ def png_bytes(figure: Figure) -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

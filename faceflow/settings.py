@@ -14,6 +14,8 @@ SERVER_START_TIMEOUT_VARIABLE = "FACEFLOW_SERVER_START_TIMEOUT"
 DEFAULT_SERVER_START_TIMEOUT = 180.0
 DOWNLOAD_TIMEOUT_VARIABLE = "FACEFLOW_DOWNLOAD_TIMEOUT"
 DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # per network read; the whole file is 1.4 MB
+CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
+DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
 
 
 class SettingError(ValueError):
@@ -57,3 +59,8 @@ def server_start_timeout() -> float:
 def download_timeout() -> float:
     """Seconds any one network read of the data download may take (FACEFLOW_DOWNLOAD_TIMEOUT, default 30)."""
     return _positive_seconds(DOWNLOAD_TIMEOUT_VARIABLE, DEFAULT_DOWNLOAD_TIMEOUT)
+
+
+def checkpoint_seconds() -> float:
+    """Seconds between a training's resumable checkpoints (FACEFLOW_CHECKPOINT_SECONDS, default 30)."""
+    return _positive_seconds(CHECKPOINT_SECONDS_VARIABLE, DEFAULT_CHECKPOINT_SECONDS)

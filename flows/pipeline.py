@@ -7,20 +7,19 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from artifacts.publish import publish_table
 from artifacts.run_folder import check_output_folder, run_folder_problems
-from faceflow.caching import content_key, project_source_digest
 from faceflow.config import FaceflowConfig
+from faceflow.keys import content_key, project_source_digest
 from faceflow.threads import limited_threads
-from flows.steps import TaskStates
-from tasks.baselines import fit_baselines
-from tasks.data import fetch_faces, resolve_data_file, split_faces
-from tasks.generate import interpolate_faces, sample_faces
-from tasks.model import resolve_device
-from tasks.new_people import score_new_people
-from tasks.pca import fit_pca
-from tasks.report import RunReport, report
-from tasks.score import score_log_prob
-from tasks.train import build_dataloader, train_realnvp
+from flows.states import TaskStates
+from tasks.data import resolve_data_file
+from tasks.devices import resolve_device
+from tasks.results import RunReport
+from tasks.steps import (
+    build_dataloader, fetch_faces, fit_baselines, fit_pca, interpolate_faces, report, sample_faces, score_log_prob,
+    score_new_people, split_faces, train_realnvp,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
 @flow(name="faceflow", persist_result=True)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
     """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
-    device = resolve_device(config.train.device).type  # a missing CUDA device fails here, before any work
+    device = resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     check_output_folder(config.output_dir)
     run_folder = run_folder_for(config, data_file)
@@ -55,6 +54,7 @@ def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResu
         if repairs:
             get_run_logger().warning(f"run folder {run_folder}: {'; '.join(repairs)}; writing it again")
             written = steps.run(report.with_options(refresh_cache=True), run_folder, *arguments)
+    publish_table("faceflow-cache", steps.rows(), "Each task of this run: computed, or served from the cache")
     return PipelineResult(written, steps.names, repairs)
 
 

@@ -15,15 +15,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from prefect import task
 from scipy.special import logsumexp
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
 
-from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import BaselineConfig
-from tasks.data import Split
-from tasks.pca import FittedPCA
+from faceflow.keys import content_key
+from tasks.results import BaselineResult, Baselines, FittedPCA, Split
 
 # Kernel widths in whitened units (each component divided by its std on the fit faces). The
 # validation optimum on the default split is 0.70; the grid reaches well past it on both sides.
@@ -33,21 +31,6 @@ SELECTION_FOLDS = 5
 
 LogProb = Callable[[np.ndarray], np.ndarray]
 Choice = TypeVar("Choice")
-
-
-@dataclass(frozen=True)
-class BaselineResult:
-    name: str
-    heldout_log_prob: float
-    validation_log_prob: float | None  # of the chosen setting; cross-validated on the fit faces without validation faces
-    train_seconds: float
-    detail: str
-
-
-@dataclass(frozen=True)
-class Baselines:
-    key: str
-    results: list[BaselineResult]
 
 
 @dataclass(frozen=True)
@@ -189,9 +172,3 @@ def fit_baseline_models(pca: FittedPCA, split: Split, config: BaselineConfig, se
     fit, validation, heldout = (pca.coords[index].astype(np.float64) for index in (split.fit, split.validation, split.heldout))
     results = [model.result(heldout) for model in fit_baseline_densities(fit, validation, config, seed)]
     return Baselines(content_key("baselines", pca, split, config, seed), results)
-
-
-@task(name="fit_baselines", cache_policy=KEYED_INPUTS, persist_result=True)
-def fit_baselines(pca: FittedPCA, split: Split, config: BaselineConfig, seed: int) -> Baselines:
-    """Diagonal Gaussian, diagonal GaussianMixture, Gaussian KDE and optionally the lab recipe, on the same split."""
-    return fit_baseline_models(pca, split, config, seed)

@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from prefect import task
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
 
-from faceflow.caching import KEYED_INPUTS, array_digest, content_key
+from faceflow.keys import array_digest, content_key, file_sha256
 from faceflow.config import IMAGES_PER_PERSON, DataConfig
 from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment, download_timeout
 from tasks.olivetti import DataFileError, read_olivetti_mat
+from tasks.results import Faces, Split
+
+DOWNLOAD_SOURCE = "scikit-learn's download"
+
 
 class DataUnavailableError(ConnectionError):
     """No local data file and the download failed."""
-
-
-@dataclass(frozen=True)
-class Faces:
-    """The 400 images (float32 in [0, 1]) and person ids, as scikit-learn returns them."""
-
-    key: str
-    images: np.ndarray  # (400, 64, 64) float32
-    target: np.ndarray  # (400,) int, person 0..39
-
-    @property
-    def flat(self) -> np.ndarray:
-        return self.images.reshape(len(self.images), -1)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Indices into the 400 faces: what the models fit on, early-stop on, and are judged on."""
-
-    key: str
-    fit: np.ndarray
-    validation: np.ndarray
-    heldout: np.ndarray
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "train": sorted(int(i) for i in np.concatenate([self.fit, self.validation])),
-                "fit": self.fit.tolist(),
-                "validation": self.validation.tolist(),
-                "heldout": self.heldout.tolist(),
-            },
-            indent=1,
-        )
 
 
 @contextmanager
@@ -85,6 +50,7 @@ def load_faces(
     """Faces from ``data_file`` if given, else from ``download``."""
     if data_file is not None:
         images, target = read_olivetti_mat(data_file)
+        source, sha256 = str(data_file), file_sha256(data_file)
     else:
         try:
             images, target = download()
@@ -94,7 +60,9 @@ def load_faces(
                 f"Provide a local olivettifaces.mat with --data-file PATH or the environment "
                 f"variable {DATA_FILE_VARIABLE}=PATH."
             ) from error
-    return Faces(key=content_key("faces", array_digest(images), array_digest(target)), images=images, target=target)
+        source, sha256 = DOWNLOAD_SOURCE, array_digest(images)
+    key = content_key("faces", array_digest(images), array_digest(target))
+    return Faces(key=key, images=images, target=target, source=source, sha256=sha256)
 
 
 def resolve_data_file(config: DataConfig) -> Path | None:
@@ -145,33 +113,3 @@ def tuning_split_indices(target: np.ndarray, config: DataConfig) -> Split:
         validation.extend(order[n_held + 1 : n_held + 1 + n_val])
         fit.extend(order[n_held + 1 + n_val :])
     return _split_from(fit, validation, judge)
-
-
-def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
-    """Retry only what a retry can fix: a failed download."""
-    try:
-        state.result()
-    except DataUnavailableError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(
-    name="fetch_faces",
-    cache_policy=KEYED_INPUTS,
-    persist_result=True,
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_is_network_failure,
-)
-def fetch_faces(data_file: Path | None) -> Faces:
-    """The 400 Olivetti faces from a local file or scikit-learn's download."""
-    return load_faces(data_file)
-
-
-@task(name="split_faces", cache_policy=KEYED_INPUTS, persist_result=True)
-def split_faces(faces: Faces, config: DataConfig) -> Split:
-    """Seeded held-out / validation / fit split, a fixed number of images per person."""
-    return split_indices(faces.target, config)

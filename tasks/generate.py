@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from prefect import task
 
-from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import InterpolateConfig, SampleConfig
-from tasks.data import Split
+from faceflow.keys import content_key
+from tasks.model import trained_model
 from tasks.olivetti import IMAGE_SHAPE
-from tasks.pca import FittedPCA
-from tasks.train import TrainedFlow
-
-
-@dataclass(frozen=True)
-class GeneratedFaces:
-    """Sampled faces, their PCA coordinates and how far each is from any training face."""
-
-    key: str
-    coords: np.ndarray  # (n, d) PCA coordinates
-    images: np.ndarray  # (n, 64, 64) in [0, 1]
-    nearest_train_index: np.ndarray  # (n,) index into the 400 faces
-    nearest_train_distance: np.ndarray  # (n,) RMS pixel distance to the training faces' PCA reconstructions
-    heldout_nearest_train_distance: np.ndarray  # (n_heldout,) the same, for the held-out faces' reconstructions
-
-
-@dataclass(frozen=True)
-class Interpolation:
-    key: str
-    index_a: int
-    index_b: int
-    method: str
-    weights: np.ndarray  # (steps,) from 0 to 1
-    images: np.ndarray  # (steps, 64, 64)
+from tasks.pca import to_pixels
+from tasks.results import FittedPCA, GeneratedFaces, Interpolation, Split, TrainedFlow
 
 
 def to_images(pca: FittedPCA, coords: np.ndarray) -> np.ndarray:
     """PCA coordinates back to 64x64 images, clipped to the pixel range."""
-    pixels = pca.pca.inverse_transform(coords.astype(np.float64))
-    return np.clip(pixels, 0.0, 1.0).reshape(-1, *IMAGE_SHAPE).astype(np.float32)
+    return np.clip(to_pixels(pca, coords), 0.0, 1.0).reshape(-1, *IMAGE_SHAPE).astype(np.float32)
 
 
 def nearest_rms_distance(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +36,7 @@ def draw_samples(
     Samples are PCA reconstructions, so every distance is measured between reconstructions: a
     held-out face's raw pixels carry the detail PCA drops and would sit further from everything.
     """
-    model = trained.model()
+    model = trained_model(trained)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         model.q0.temperature = config.temperature
@@ -75,6 +49,7 @@ def draw_samples(
     _, heldout_distance = nearest_rms_distance(to_images(pca, pca.coords[split.heldout]), train_images)
     return GeneratedFaces(
         key=content_key("samples", trained, pca, config, seed),
+        temperature=config.temperature,
         coords=coords,
         images=images,
         nearest_train_index=train_index[nearest],
@@ -103,7 +78,7 @@ def interpolate_between(
     trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig
 ) -> Interpolation:
     """Map two real faces to latent space, walk between them, map back to images."""
-    model = trained.model()
+    model = trained_model(trained)
     endpoints = torch.from_numpy(pca.coords[[config.index_a, config.index_b]])
     weights = interpolation_weights(config.steps)
     with torch.no_grad():
@@ -118,17 +93,3 @@ def interpolate_between(
         weights=weights,
         images=to_images(pca, coords),
     )
-
-
-@task(name="sample_faces", cache_policy=KEYED_INPUTS, persist_result=True)
-def sample_faces(
-    trained: TrainedFlow, pca: FittedPCA, split: Split, config: SampleConfig, seed: int
-) -> GeneratedFaces:
-    """N new faces at the configured temperature."""
-    return draw_samples(trained, pca, split, config, seed)
-
-
-@task(name="interpolate_faces", cache_policy=KEYED_INPUTS, persist_result=True)
-def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig) -> Interpolation:
-    """A latent-space walk between two real faces of different people."""
-    return interpolate_between(trained, pca, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -11,6 +12,8 @@ from typing import Any
 import normflows as nf
 import numpy as np
 import torch
+
+from tasks.results import TrainedFlow
 
 CHECKPOINT_FAMILY = "faceflow-realnvp"
 CHECKPOINT_FORMAT = f"{CHECKPOINT_FAMILY}/3"  # /3: couplings chained on the split halves, one Split/Merge per run
@@ -136,6 +139,13 @@ def checkpoint_payload(
     }
 
 
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """A checkpoint payload as model.pt's bytes."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save to a temporary sibling, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,13 +163,12 @@ class CheckpointError(ValueError):
     """A model.pt that cannot be loaded as a faceflow model."""
 
 
-def _read_payload(path: Path, device: str) -> dict[str, Any]:
-    name = repr(str(path))
-    if not Path(path).is_file():
+def _read_payload(source: Path | bytes, name: str, device: str) -> dict[str, Any]:
+    if isinstance(source, Path) and not source.is_file():
         raise CheckpointError(f"checkpoint {name} does not exist or is not a file")
     try:
         # weights_only: a checkpoint is data, never code to run (torch refuses arbitrary pickles).
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location=device, weights_only=True)
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad files
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"checkpoint {name} is not a readable torch checkpoint ({reason})") from None
@@ -177,14 +186,8 @@ def _read_payload(path: Path, device: str) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
-    """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config).
-
-    Every failure names the file: unreadable or truncated, another format, missing parts,
-    weights that do not fit the recorded shape, or non-finite weights.
-    """
-    payload = _read_payload(path, device)
-    name = repr(str(path))
+def _model_from(source: Path | bytes, name: str, device: str) -> tuple[nf.NormalizingFlow, dict[str, Any]]:
+    payload = _read_payload(source, name, device)
     broken = [key for key, value in payload["state_dict"].items() if not bool(torch.isfinite(value).all())]
     if broken:
         raise CheckpointError(f"checkpoint {name} holds non-finite weights ({', '.join(broken[:3])}); retrain the model")
@@ -196,10 +199,15 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow
     return model, payload["config"]
 
 
-def resolve_device(requested: str) -> torch.device:
-    """'auto' means CUDA when present; asking for CUDA without one is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(requested)
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[nf.NormalizingFlow, dict[str, Any]]:
+    """Rebuild a trained flow from a checkpoint alone; returns (model in eval mode, its config).
+
+    Every failure names the file: unreadable or truncated, another format, missing parts,
+    weights that do not fit the recorded shape, or non-finite weights.
+    """
+    return _model_from(Path(path), repr(str(path)), device)
+
+
+def trained_model(trained: TrainedFlow, device: str = "cpu") -> nf.NormalizingFlow:
+    """The model a training step kept, in eval mode."""
+    return _model_from(trained.checkpoint, f"of training {trained.key}", device)[0]

@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-from prefect import task
 
-from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import N_PEOPLE, BaselineConfig, DataConfig, PCAConfig, TrainConfig
+from faceflow.keys import content_key
 from tasks.baselines import fit_baseline_models
-from tasks.data import Faces, Split, split_indices
+from tasks.data import split_indices
+from tasks.model import trained_model
 from tasks.pca import fit_pca_on
+from tasks.results import Faces, NewPeople, NewPeopleFold, Split
 from tasks.score import flow_log_prob
 from tasks.train import make_batches, train_flow
 
 # Draws the people of the folds; apart from the split's own stream so that changing the fold
 # settings never moves which images of the known people are held out.
 _PEOPLE_STREAM = 1
-
-
-@dataclass(frozen=True)
-class NewPeopleFold:
-    """One fold: its people, and the mean log p of all their images under each model, in nats per face."""
-
-    people: list[int]
-    flow_log_prob: float
-    baseline_log_prob: dict[str, float]
-    person_flow_log_prob: list[float]  # one mean per person, in the order of ``people``
-    train_seconds: float
-
-
-@dataclass(frozen=True)
-class NewPeople:
-    """Every fold of the new-people evaluation; the means are over all their images."""
-
-    key: str
-    folds: list[NewPeopleFold]
-
-    @property
-    def flow_log_prob(self) -> float:
-        return float(np.mean([fold.flow_log_prob for fold in self.folds]))
-
-    def baseline_log_prob(self, name: str) -> float:
-        return float(np.mean([fold.baseline_log_prob[name] for fold in self.folds]))
-
-    @property
-    def person_flow_log_prob(self) -> list[float]:
-        return [value for fold in self.folds for value in fold.person_flow_log_prob]
 
 
 def new_people_of_fold(config: DataConfig, fold: int) -> list[int]:
@@ -74,7 +43,7 @@ def evaluate_fold(
     split = new_people_split(faces.target, data, people)
     pca = fit_pca_on(faces, split, pca_config)
     trained = train_flow(make_batches(pca, split, train, seed), train, seed, device=device)
-    log_p = flow_log_prob(trained.model(), pca.coords[split.heldout])
+    log_p = flow_log_prob(trained_model(trained), pca.coords[split.heldout])
     heldout_people = faces.target[split.heldout]
     # The lab recipe takes 15 s and is no baseline worth beating; the new-people figure leaves it out.
     fitted = fit_baseline_models(pca, split, baselines.model_copy(update={"include_lab_recipe": False}), seed)
@@ -97,12 +66,3 @@ def evaluate_new_people(
         for fold in range(data.new_people_folds)
     ]
     return NewPeople(content_key("new-people", faces, data, pca_config, train, baselines, seed, device), folds)
-
-
-@task(name="score_new_people", cache_policy=KEYED_INPUTS, persist_result=True)
-def score_new_people(
-    faces: Faces, data: DataConfig, pca_config: PCAConfig, train: TrainConfig, baselines: BaselineConfig,
-    seed: int, device: str,
-) -> NewPeople:
-    """log p of people held out of PCA and flow altogether, beside the baselines'."""
-    return evaluate_new_people(faces, data, pca_config, train, baselines, seed, device)

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
-from dataclasses import dataclass
 
+import joblib
 import numpy as np
-from prefect import task
 from sklearn.decomposition import PCA
 
-from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import PCAConfig
-from tasks.data import Faces, Split
-
-
-@dataclass(frozen=True)
-class FittedPCA:
-    """A PCA fitted on the fit part, and every face's coordinates in it."""
-
-    key: str
-    pca: PCA
-    coords: np.ndarray  # (400, n_components) float32, as pca.transform returns them
-    cumulative_variance: np.ndarray  # of the full-rank PCA on the fit part
-    components_for_target: int  # before the power-of-two rounding
-
-    @property
-    def n_components(self) -> int:
-        return int(self.pca.n_components_)
+from faceflow.keys import content_key
+from tasks.results import Faces, FittedPCA, Split
 
 
 def components_for_variance(cumulative_variance: np.ndarray, target: float) -> int:
@@ -61,14 +46,35 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
     coords = pca.transform(faces.flat).astype(np.float32)
     return FittedPCA(
         key=content_key("pca", faces, split, config),
-        pca=pca,
+        estimator=estimator_bytes(pca),
         coords=coords,
         cumulative_variance=cumulative,
+        variance_target=config.variance,
         components_for_target=from_target,
     )
 
 
-@task(name="fit_pca", cache_policy=KEYED_INPUTS, persist_result=True)
-def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
-    """PCA keeping about the target variance, rounded to a power of two."""
-    return fit_pca_on(faces, split, config)
+def pca_rule(fitted: FittedPCA, config: PCAConfig) -> str:
+    """Why the PCA kept as many components as it did, in a sentence."""
+    reached = f"{fitted.variance_target:.0%} of the variance takes {fitted.components_for_target} components"
+    if config.n_components is not None:
+        return f"{reached}; {fitted.n_components} were asked for explicitly (keeping {fitted.variance_kept:.1%})."
+    rounding = "; rounded to the nearest power of two" if config.round_to_power_of_two else ""
+    return f"{reached}{rounding}: {fitted.n_components} kept ({fitted.variance_kept:.1%} of the variance)."
+
+
+def estimator_bytes(pca: PCA) -> bytes:
+    """The fitted PCA as pca.joblib's bytes."""
+    buffer = io.BytesIO()
+    joblib.dump(pca, buffer)
+    return buffer.getvalue()
+
+
+def load_estimator(fitted: FittedPCA) -> PCA:
+    """The fitted scikit-learn PCA behind ``fitted``."""
+    return joblib.load(io.BytesIO(fitted.estimator))
+
+
+def to_pixels(fitted: FittedPCA, coords: np.ndarray) -> np.ndarray:
+    """PCA coordinates back to flattened pixels (the PCA's own inverse transform)."""
+    return load_estimator(fitted).inverse_transform(np.asarray(coords, dtype=np.float64))

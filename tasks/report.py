@@ -1,47 +1,35 @@
-"""The run's write-up: metrics, figures, report.md and the saved model, published and written once."""
+"""The run's write-up: the numbers it is judged by, its figures, and its folder's files.
+
+``build_report`` only computes; the report task writes the files and publishes the artifacts.
+"""
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import joblib
 import numpy as np
 import pandas as pd
-import torch
-from prefect import task
 
 from artifacts import figures
-from artifacts.publish import json_safe, publish_artifacts
-from artifacts.run_folder import write_run_folder
+from artifacts.markdown import data_uri
 from artifacts.report import FIGURES, comparison_table, conclusions, report_markdown
-from faceflow.caching import KEYED_INPUTS, content_key
+from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
-from tasks.baselines import Baselines
-from tasks.data import Split
-from tasks.generate import GeneratedFaces, Interpolation
-from tasks.model import checkpoint_payload
-from tasks.new_people import NewPeople
-from tasks.pca import FittedPCA
-from tasks.score import Scores, bits_per_dim
-from tasks.train import TrainedFlow
+from tasks.results import (
+    Baselines, FittedPCA, GeneratedFaces, Interpolation, NewPeople, Scores, Split, TrainedFlow,
+)
+from tasks.score import bits_per_dim
 
 
 @dataclass(frozen=True)
-class RunReport:
-    key: str
-    folder: Path
-    metrics: dict[str, float]
+class BuiltReport:
+    """A run's report: its folder's files, the markdown the UI shows (figures embedded), its numbers."""
 
-
-@dataclass(frozen=True)
-class RenderedReport:
-    """The report as the Prefect UI shows it: markdown with embedded figures, and the quality table."""
-
+    files: dict[str, bytes]
     markdown: str
     comparison: pd.DataFrame
+    metrics: dict[str, float]
 
 
 def run_metrics(
@@ -60,7 +48,7 @@ def run_metrics(
         "sample_log_prob": scores.mean_log_prob("sample"),
         "n_components": float(pca.n_components),
         "components_for_variance_target": float(pca.components_for_target),
-        "variance_kept": float(pca.cumulative_variance[pca.n_components - 1]),
+        "variance_kept": pca.variance_kept,
         "epochs": float(len(trained.history)),
         "best_epoch": float(trained.best_epoch),
         "nonfinite_steps": float(trained.nonfinite_steps),
@@ -105,22 +93,17 @@ def baseline_frame(baselines: Baselines, dim: int, new_people: NewPeople) -> pd.
 
 
 def render_figures(
-    trained: TrainedFlow, pca: FittedPCA, scores: Scores, samples: GeneratedFaces,
-    interpolation: Interpolation, config: FaceflowConfig,
+    trained: TrainedFlow, pca: FittedPCA, scores: Scores, samples: GeneratedFaces, interpolation: Interpolation
 ) -> dict[str, bytes]:
     """Figure name -> PNG bytes."""
-    table = scores.table
+    history = trained.history
     made = {
-        "samples": figures.sample_grid(samples.images, samples.nearest_train_distance, config.sample.temperature),
+        "samples": figures.sample_grid(samples.images, samples.nearest_train_distance, samples.temperature),
         "variance": figures.explained_variance(
-            pca.cumulative_variance, config.pca.variance, pca.components_for_target, pca.n_components
+            pca.cumulative_variance, pca.variance_target, pca.components_for_target, pca.n_components
         ),
-        "loss": figures.loss_curve(
-            [s.train_loss for s in trained.history], [s.validation_log_prob for s in trained.history], trained.best_epoch
-        ),
-        "log_prob": figures.log_prob_histogram(
-            {part: table.loc[table["part"] == part, "log_prob"].to_numpy() for part in ("fit", "heldout", "sample")}
-        ),
+        "loss": figures.loss_curve(history.train_loss, history.validation_log_prob, trained.best_epoch),
+        "log_prob": figures.log_prob_histogram({part: scores.of(part) for part in ("fit", "heldout", "sample")}),
         "interpolation": figures.interpolation_strip(
             interpolation.images, interpolation.method, interpolation.index_a, interpolation.index_b
         ),
@@ -128,57 +111,36 @@ def render_figures(
     return {name: figures.png_bytes(figure) for name, figure in made.items()}
 
 
-def _joblib_bytes(value: object) -> bytes:
-    buffer = io.BytesIO()
-    joblib.dump(value, buffer)
-    return buffer.getvalue()
+def _csv(rows: list[dict] | dict[str, np.ndarray]) -> bytes:
+    return pd.DataFrame(rows).to_csv(index=False).encode()
 
 
-def _checkpoint_bytes(trained: TrainedFlow) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(checkpoint_payload(trained.state_dict, trained.spec, trained.config), buffer)
-    return buffer.getvalue()
-
-
-def write_report(
-    run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces,
-    scores: Scores, interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
-) -> tuple[RunReport, RenderedReport]:
-    """Build the report and write the run folder; returns what the artifacts show."""
+def build_report(
+    run_name: str, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces, scores: Scores,
+    interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
+) -> BuiltReport:
+    """The report and every file of the run folder; ``config`` is recorded as config.json."""
     metrics = run_metrics(trained, pca, scores, samples, baselines, new_people)
     baseline_table = baseline_frame(baselines, pca.n_components, new_people)
     comparison = comparison_table(metrics, baseline_table)
     findings = conclusions(metrics, baseline_table)
-    pngs = render_figures(trained, pca, scores, samples, interpolation, config)
-    on_disk = report_markdown(metrics, comparison, findings, FIGURES, run_folder.name)
+    pngs = render_figures(trained, pca, scores, samples, interpolation)
+    on_disk = report_markdown(metrics, comparison, findings, FIGURES, run_name)
     embedded = report_markdown(
-        metrics, comparison, findings, {name: figures.data_uri(png) for name, png in pngs.items()}, run_folder.name
+        metrics, comparison, findings, {name: data_uri(png) for name, png in pngs.items()}, run_name
     )
+    history = trained.history
     files = {FIGURES[name]: png for name, png in pngs.items()} | {
         "report.md": on_disk.encode(),
         "metrics.json": json.dumps({k: json_safe(v) for k, v in metrics.items()}, indent=1).encode(),
         "config.json": config.model_dump_json(indent=1).encode(),
         "split.json": split.to_json().encode(),
-        "scores.csv": scores.table.to_csv(index=False).encode(),
-        "training_history.csv": pd.DataFrame([asdict(s) for s in trained.history]).to_csv(index=False).encode(),
-        "pca.joblib": _joblib_bytes(pca.pca),
-        "model.pt": _checkpoint_bytes(trained),
+        "scores.csv": _csv(scores.rows()),
+        "training_history.csv": _csv({
+            "epoch": np.arange(1, len(history) + 1), "train_loss": history.train_loss,
+            "validation_log_prob": history.validation_log_prob, "learning_rate": history.learning_rate,
+        }),
+        "pca.joblib": pca.estimator,
+        "model.pt": trained.checkpoint,
     }
-    write_run_folder(run_folder, files)
-    result = RunReport(
-        content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people), run_folder, metrics
-    )
-    return result, RenderedReport(embedded, comparison)
-
-
-@task(name="report", cache_policy=KEYED_INPUTS, persist_result=True)
-def report(
-    run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces,
-    scores: Scores, interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
-) -> RunReport:
-    """report.md with figures, artifacts in Prefect, and the model files in the run folder."""
-    result, rendered = write_report(
-        run_folder, split, pca, trained, samples, scores, interpolation, baselines, new_people, config
-    )
-    publish_artifacts(rendered.markdown, rendered.comparison, scores.table, result.metrics)
-    return result
+    return BuiltReport(files, embedded, comparison, metrics)

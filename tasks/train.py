@@ -1,37 +1,40 @@
-"""Maximum-likelihood training of the RealNVP, independent of any orchestrator."""
+"""Maximum-likelihood training of the RealNVP, independent of any orchestrator.
+
+The loop iterates a torch DataLoader over the fit faces, keeps the weights with the best
+validation log p (the last ones without validation faces), refuses to return a diverged
+model, and can write its whole state every few seconds so that a killed training resumes
+where it stopped and ends with the same weights.
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import normflows as nf
+import numpy as np
 import torch
-from prefect import task
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from faceflow.caching import KEYED_INPUTS, content_key
 from faceflow.config import TrainConfig
-from tasks.data import Split
-from tasks.model import ModelSpec, build_realnvp, rebuild_realnvp, resolve_device, trainable_parameters
-from tasks.pca import FittedPCA
-
+from faceflow.keys import content_key
+from tasks.devices import resolve_device
+from tasks.model import ModelSpec, build_realnvp, checkpoint_bytes, checkpoint_payload, save_checkpoint, trainable_parameters
+from tasks.results import FaceBatches, FittedPCA, Split, TrainedFlow, TrainingHistory
 
 VALIDATIONS_PER_RUN = 200
+# Training has diverged once more than half of this many recent steps had a non-finite loss.
+DIVERGENCE_WINDOW = 20
 
 
-@dataclass(frozen=True)
-class FaceBatches:
-    """The training faces' PCA coordinates as a shuffled, seeded DataLoader."""
-
-    key: str
-    loader: DataLoader
-    validation: torch.Tensor  # PCA coordinates of the validation faces (may be empty)
+class TrainingDiverged(RuntimeError):
+    """The loss or the kept model's log p went non-finite: a result not worth keeping or caching."""
 
 
 @dataclass(frozen=True)
@@ -41,25 +44,6 @@ class EpochStats:
     train_loss: float
     validation_log_prob: float | None
     learning_rate: float
-
-
-@dataclass
-class TrainedFlow:
-    """The best weights found, with what built them and how training went."""
-
-    key: str
-    spec: ModelSpec
-    state_dict: dict[str, torch.Tensor]
-    config: dict
-    history: list[EpochStats] = field(default_factory=list)
-    best_epoch: int = 0
-    nonfinite_steps: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-
-    def model(self, device: str = "cpu") -> nf.NormalizingFlow:
-        """A fresh model in eval mode carrying the trained weights."""
-        return rebuild_realnvp(self.spec, self.state_dict, device)
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -110,10 +94,14 @@ def face_loader(coords: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
 
 
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
-    """DataLoader over the fit faces' coordinates: batch size from config, shuffled, seeded."""
-    loader = face_loader(torch.from_numpy(pca.coords[split.fit]), config.batch_size, seed)
-    validation = torch.from_numpy(pca.coords[split.validation])
-    return FaceBatches(content_key("batches", pca, split, config.batch_size, seed), loader, validation)
+    """What the DataLoader serves: the fit faces' coordinates, batch size from config, seeded shuffling."""
+    return FaceBatches(
+        key=content_key("batches", pca, split, config.batch_size, seed),
+        fit=np.ascontiguousarray(pca.coords[split.fit]),
+        validation=np.ascontiguousarray(pca.coords[split.validation]),
+        batch_size=config.batch_size,
+        seed=seed,
+    )
 
 
 def mean_log_prob(model: nf.NormalizingFlow, coords: torch.Tensor) -> float:
@@ -126,20 +114,80 @@ def mean_log_prob(model: nf.NormalizingFlow, coords: torch.Tensor) -> float:
     return float(log_p.mean()) if bool(torch.isfinite(log_p).all()) else -math.inf
 
 
+def _diverged(cause: str, config: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged: {cause}; lower train.learning_rate (--learning-rate, now {config.learning_rate:g})"
+    )
+
+
+@dataclass
+class _Progress:
+    """Everything the loop has learned so far: what a resumable checkpoint holds besides the modules."""
+
+    epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    train_loss: list[float] | None = None
+    validation_log_prob: list[float] | None = None
+    learning_rate: list[float] | None = None
+    nonfinite: int = 0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.train_loss = self.train_loss or []
+        self.validation_log_prob = self.validation_log_prob or []
+        self.learning_rate = self.learning_rate or []
+
+
+class Checkpointer:
+    """Writes the training's whole state to ``path`` every ``every`` seconds, atomically; reads it back.
+
+    The state is the model, its weight average, the optimiser, the schedule, the best weights so
+    far, the history, and the random generators (torch's and the loader's): resumed from it, the
+    rest of the training draws the same noise and batches as an uninterrupted one.
+    """
+
+    def __init__(self, path: Path | None, every: float, identity: str) -> None:
+        self.path, self.every, self.identity = path, every, identity
+        self._last = time.monotonic()
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        state = torch.load(self.path, weights_only=True)
+        return state if state.get("identity") == self.identity else None
+
+    def maybe_save(self, state: Callable[[], dict]) -> None:
+        if self.path is not None and time.monotonic() - self._last >= self.every:
+            save_checkpoint(self.path, state() | {"identity": self.identity})
+            self._last = time.monotonic()
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def train_flow(
     batches: FaceBatches,
     config: TrainConfig,
     seed: int,
     on_epoch: Callable[[EpochStats], None] = lambda stats: None,
     device: str | None = None,
+    resume_file: Path | None = None,
+    checkpoint_every: float = math.inf,
 ) -> TrainedFlow:
-    """Fit by maximum likelihood on the loader's batches; keep the weights with the best validation log p."""
-    device = torch.device(device) if device else resolve_device(config.device)
-    # A copy: iterating advances the sampler's generator, and the loader may be a cached result
-    # shared by later runs in this process, which must see the same batches.
-    loader = copy.deepcopy(batches.loader)
-    fit = loader.dataset.tensors[0].to(device)  # for the whitening statistics and ActNorm's initialisation
-    validation = batches.validation.to(device)
+    """Fit by maximum likelihood on the loader's batches; keep the weights with the best validation log p.
+
+    With ``resume_file``, the whole training state is written there every ``checkpoint_every``
+    seconds, a training killed part-way resumes from it, and it is removed at the end.
+    Raises TrainingDiverged when most recent steps' losses, or the kept model's log p, are not finite.
+    """
+    device = torch.device(device or resolve_device(config.device))
+    fit = torch.from_numpy(batches.fit).to(device)  # for the whitening statistics and ActNorm's initialisation
+    validation = torch.from_numpy(batches.validation).to(device)
+    loader = face_loader(torch.from_numpy(batches.fit), batches.batch_size, batches.seed)
+    loader_generator = loader.sampler.sampler.generator
     clean = fit[torch.isfinite(fit).all(1)]
     mean, std = clean.mean(0), clean.std(0)
     spec = ModelSpec(dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
@@ -155,14 +203,31 @@ def train_flow(
     averaged = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
 
+    checkpoints = Checkpointer(resume_file, checkpoint_every, content_key("training", batches, config, seed, str(device)))
+    progress = _Progress()
+    if (saved := checkpoints.load()) is not None:
+        model.load_state_dict(saved["model"])
+        evaluated.load_state_dict(saved["evaluated"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        loader_generator.set_state(saved["loader_rng"])
+        progress = _Progress(**saved["progress"])
+    resumed_from = progress.epoch
+
+    def state() -> dict:
+        return {
+            "model": model.state_dict(), "evaluated": evaluated.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "loader_rng": loader_generator.get_state(), "progress": vars(progress),
+        }
+
     # About 200 validations a run: enough to pick a good epoch, cheap next to training.
     validate_every = max(1, config.epochs // VALIDATIONS_PER_RUN)
-    best_state, best_score, best_epoch = None, -math.inf, 0
-    history: list[EpochStats] = []
-    nonfinite = steps = 0
+    recent_nonfinite: deque[bool] = deque(maxlen=DIVERGENCE_WINDOW)
     started = time.perf_counter()
     model.train()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(progress.epoch + 1, config.epochs + 1):
         epoch_loss, finite_batches = 0.0, 0
         for (batch,) in loader:
             batch = batch.to(device)
@@ -171,9 +236,11 @@ def train_flow(
             batch = batch + noise_scale * torch.randn_like(batch)
             loss = -model.log_prob(batch).mean()
             loss_value = loss.item()  # one read of the loss per step, for the check and the mean
-            steps += 1
+            progress.steps += 1
             optimizer.zero_grad(set_to_none=True)
-            if math.isfinite(loss_value):
+            finite = math.isfinite(loss_value)
+            recent_nonfinite.append(not finite)
+            if finite:
                 loss.backward()
                 optimizer.step()
                 if averaged is not None:
@@ -181,51 +248,56 @@ def train_flow(
                 epoch_loss += loss_value
                 finite_batches += 1
             else:
-                nonfinite += 1
+                progress.nonfinite += 1
             scheduler.step()
+            if sum(recent_nonfinite) > DIVERGENCE_WINDOW // 2:
+                checkpoints.discard()
+                raise _diverged(
+                    f"{sum(recent_nonfinite)} of the last {len(recent_nonfinite)} steps had a non-finite loss "
+                    f"(epoch {epoch})", config,
+                )
         validating = len(validation) and (epoch % validate_every == 0 or epoch == config.epochs)
         validation_score = mean_log_prob(evaluated, validation) if validating else None
-        stats = EpochStats(
-            epoch=epoch,
-            epochs=config.epochs,
-            train_loss=epoch_loss / finite_batches if finite_batches else math.nan,
-            validation_log_prob=validation_score,
-            learning_rate=scheduler.get_last_lr()[0],
-        )
-        history.append(stats)
-        on_epoch(stats)
-        if validation_score is not None and validation_score > best_score:
-            best_state, best_score, best_epoch = copy.deepcopy(evaluated.state_dict()), validation_score, epoch
-    if best_state is None:  # no validation faces, or no finite validation score: the last weights
-        best_state, best_epoch = copy.deepcopy(evaluated.state_dict()), config.epochs
-
+        learning_rate = scheduler.get_last_lr()[0]
+        train_loss = epoch_loss / finite_batches if finite_batches else math.nan
+        progress.epoch = epoch
+        progress.train_loss.append(train_loss)
+        progress.validation_log_prob.append(math.nan if validation_score is None else validation_score)
+        progress.learning_rate.append(learning_rate)
+        on_epoch(EpochStats(epoch, config.epochs, train_loss, validation_score, learning_rate))
+        if validation_score is not None and validation_score > progress.best_score:
+            progress.best_state = copy.deepcopy(evaluated.state_dict())
+            progress.best_score, progress.best_epoch = validation_score, epoch
+        checkpoints.maybe_save(state)
+    if progress.best_state is None:  # no validation faces, or no finite validation score: the last weights
+        progress.best_state, progress.best_epoch = copy.deepcopy(evaluated.state_dict()), config.epochs
+    checkpoints.discard()
+    _refuse_non_finite(evaluated, progress.best_state, {"fit": clean, "validation": validation}, config)
+    if progress.nonfinite > progress.steps / 2:
+        raise _diverged(f"{progress.nonfinite} of {progress.steps} steps had a non-finite loss", config)
     return TrainedFlow(
-        key="",
-        spec=spec,
-        state_dict={k: v.cpu() for k, v in best_state.items()},
-        config=config.model_dump(mode="json") | {"seed": seed},
-        history=history,
-        best_epoch=best_epoch,
-        nonfinite_steps=nonfinite,
-        steps=steps,
+        key=content_key("trained", batches, config, seed, str(device)),
+        checkpoint=checkpoint_bytes(
+            checkpoint_payload(progress.best_state, spec, config.model_dump(mode="json") | {"seed": seed})
+        ),
+        history=TrainingHistory(
+            np.asarray(progress.train_loss), np.asarray(progress.validation_log_prob), np.asarray(progress.learning_rate)
+        ),
+        best_epoch=progress.best_epoch,
+        nonfinite_steps=progress.nonfinite,
+        steps=progress.steps,
         seconds=time.perf_counter() - started,
+        resumed_from_epoch=resumed_from,
     )
 
 
-@task(name="build_dataloader", cache_policy=KEYED_INPUTS, persist_result=True)
-def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
-    """Shuffled, seeded batches of the fit faces' PCA coordinates."""
-    return make_batches(pca, split, config, seed)
-
-
-@task(name="train_realnvp", cache_policy=KEYED_INPUTS, persist_result=True)
-def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: str) -> TrainedFlow:
-    """RealNVP by maximum likelihood, with a terminal progress bar and a Prefect progress artifact.
-
-    ``device`` is the resolved one ("cpu", "cuda"), so a GPU and a CPU run never share a cache key.
-    """
-    from artifacts.progress import TrainingProgress
-
-    with TrainingProgress(config.epochs) as progress:
-        trained = train_flow(batches, config, seed, on_epoch=progress.update, device=device)
-    return dataclasses.replace(trained, key=content_key("trained", batches, config, seed, device))
+def _refuse_non_finite(
+    model: nf.NormalizingFlow, kept: dict[str, torch.Tensor], parts: dict[str, torch.Tensor], config: TrainConfig
+) -> None:
+    """A kept model whose weights or log p on the training's own faces are not finite has diverged."""
+    if not all(bool(torch.isfinite(value).all()) for value in kept.values()):
+        raise _diverged("the kept weights are not finite", config)
+    model.load_state_dict(kept)
+    for part, coords in parts.items():
+        if len(coords) and not math.isfinite(mean_log_prob(model, coords)):
+            raise _diverged(f"the kept model's log p of the {part} faces is not finite", config)

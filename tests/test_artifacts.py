@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from artifacts import figures
-from artifacts.publish import _records
 from artifacts.run_folder import write_run_folder
 from artifacts.report import comparison_table, conclusions, markdown_table
+from artifacts.tables import readable, readable_rows
 
 METRICS = {
     "heldout_log_prob": -40.0, "heldout_bits_per_dim": 0.9, "train_seconds": 5.0, "best_epoch": 90.0,
@@ -60,7 +60,13 @@ def test_non_finite_log_prob_is_shown_not_crashed_on() -> None:
     histogram = figures.log_prob_histogram({"heldout": np.array([-40.0, -np.inf, -41.0]), "fit": np.array([-35.0, -36.0])})
     assert figures.png_bytes(histogram).startswith(b"\x89PNG")
     assert "1 non-finite" in histogram.axes[0].get_legend().get_texts()[0].get_text()
-    assert _records(pd.DataFrame({"log_prob": [-np.inf, -1.5]})) == [{"log_prob": "-inf"}, {"log_prob": -1.5}]
+    assert readable_rows([{"log_prob": -np.inf}, {"log_prob": -1.5}]) == [{"log_prob": "-inf"}, {"log_prob": -1.5}]
+
+
+def test_table_numbers_are_rounded_to_four_significant_digits() -> None:
+    assert readable(-57.06225485801697) == -57.06 and readable(122.80591844699984) == 122.8
+    assert readable(np.float64(0.000123456)) == 0.0001235 and readable(0.0) == 0.0
+    assert readable(7) == 7 and readable("GaussianMixture") == "GaussianMixture" and readable(float("nan")) == "nan"
 
 
 def test_run_folder_is_all_or_nothing(tmp_path: Path) -> None:
@@ -72,6 +78,7 @@ def test_run_folder_is_all_or_nothing(tmp_path: Path) -> None:
     write_run_folder(destination, {"report.md": b"second"})
     assert (destination / "report.md").read_bytes() == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["run-abc"]
+    assert sorted(p.name for p in destination.iterdir()) == ["manifest.json", "report.md"]
 
 
 def test_montage_places_every_image() -> None:

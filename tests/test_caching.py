@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faceflow.caching import content_key, project_source_digest
+from faceflow.keys import content_key, project_source_digest
 from faceflow.config import FaceflowConfig
 
 

@@ -6,7 +6,7 @@ from sklearn.decomposition import PCA
 
 from faceflow.config import DataConfig, PCAConfig
 from tasks.data import split_indices
-from tasks.pca import choose_n_components, components_for_variance, fit_pca_on, nearest_power_of_two
+from tasks.pca import choose_n_components, components_for_variance, fit_pca_on, load_estimator, nearest_power_of_two
 
 
 @pytest.mark.parametrize(("count", "expected"), [(66, 64), (57, 64), (90, 64), (97, 128), (3, 4), (1, 1)])
@@ -30,6 +30,6 @@ def test_pca_is_fitted_on_the_fit_part_only(faces) -> None:
     split = split_indices(faces.target, DataConfig())
     fitted = fit_pca_on(faces, split, PCAConfig(n_components=16))
     assert fitted.n_components == 16 and fitted.coords.shape == (400, 16)
-    np.testing.assert_allclose(fitted.pca.mean_, faces.flat[split.fit].mean(0), atol=1e-6)
+    np.testing.assert_allclose(load_estimator(fitted).mean_, faces.flat[split.fit].mean(0), atol=1e-6)
     # Coordinates of the fit faces are centred; unseen faces' are not exactly.
     assert np.abs(fitted.coords[split.fit].mean(0)).max() < 1e-3

@@ -1,17 +1,27 @@
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from faceflow.config import TrainConfig
-from tasks.train import FaceBatches, face_loader, train_flow
+from faceflow.keys import array_digest, content_key
+from tasks.model import trained_model
+from tasks.results import FaceBatches, TrainedFlow
+from tasks.train import TrainingDiverged, face_loader, train_flow
 
 
-def _batches(data: np.ndarray, validation: np.ndarray, batch_size: int = 16) -> FaceBatches:
-    return FaceBatches("test", face_loader(torch.from_numpy(data), batch_size, seed=0), torch.from_numpy(validation))
+def _batches(data: np.ndarray, validation: np.ndarray, batch_size: int = 16, seed: int = 0) -> FaceBatches:
+    key = content_key("test-batches", array_digest(data), array_digest(validation), batch_size, seed)
+    return FaceBatches(key, data, validation, batch_size, seed)
+
+
+def _weights(trained: TrainedFlow) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(trained.checkpoint), weights_only=True)["state_dict"]
 
 
 def _correlated(n: int, seed: int) -> np.ndarray:
@@ -25,11 +35,11 @@ SMALL = TrainConfig(epochs=30, num_layers=2, hidden_units=32, input_noise=0.0, w
 
 def test_training_improves_validation_log_prob_and_keeps_the_best() -> None:
     trained = train_flow(_batches(_correlated(128, 0), _correlated(64, 1)), SMALL, seed=0)
-    scores = [epoch.validation_log_prob for epoch in trained.history]
+    scores = trained.history.validation_log_prob
     assert len(trained.history) == 30 and trained.steps == 30 * 8
     assert max(scores) > scores[0] + 0.5
     assert trained.best_epoch == int(np.argmax(scores)) + 1
-    model = trained.model()
+    model = trained_model(trained)
     with torch.no_grad():
         kept = model.log_prob(torch.from_numpy(_correlated(64, 1))).mean().item()
     assert kept == pytest.approx(max(scores), abs=1e-3)
@@ -38,16 +48,68 @@ def test_training_improves_validation_log_prob_and_keeps_the_best() -> None:
 def test_training_is_reproducible_for_a_seed() -> None:
     first = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), SMALL.model_copy(update={"epochs": 3}), seed=5)
     second = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), SMALL.model_copy(update={"epochs": 3}), seed=5)
-    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+    assert first.history.train_loss.tolist() == second.history.train_loss.tolist()
 
 
 def test_non_finite_losses_are_skipped_and_counted() -> None:
     data = _correlated(64, 0)
-    data[7] = np.nan  # one poisoned face: every epoch exactly one batch has a NaN loss
+    data[7] = np.nan  # one poisoned face: every epoch exactly one batch of four has a NaN loss
     trained = train_flow(_batches(data, _correlated(16, 1)), SMALL.model_copy(update={"epochs": 4}), seed=0)
     assert trained.nonfinite_steps == 4
-    assert all(torch.isfinite(v).all() for v in trained.state_dict.values() if v.is_floating_point())
-    assert all(math.isfinite(h.train_loss) for h in trained.history)
+    assert all(torch.isfinite(v).all() for v in _weights(trained).values() if v.is_floating_point())
+    assert all(math.isfinite(loss) for loss in trained.history.train_loss)
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.995])
+def test_a_diverging_training_fails_naming_the_learning_rate(ema_decay: float) -> None:
+    """Learning rate 1.0 sends every loss to NaN: an error, never a model (with or without the EMA)."""
+    config = SMALL.model_copy(update={"epochs": 40, "learning_rate": 1.0, "ema_decay": ema_decay})
+    with pytest.raises(TrainingDiverged, match=r"non-finite.*train\.learning_rate \(--learning-rate, now 1\)"):
+        train_flow(_batches(_correlated(64, 0), _correlated(16, 1), batch_size=64), config, seed=0)
+
+
+class _Killed(Exception):
+    """Stands in for the process dying part-way (the end-to-end test kills it with SIGKILL)."""
+
+
+def _die_at(epoch: int):
+    def on_epoch(stats) -> None:
+        if stats.epoch == epoch:
+            raise _Killed
+    return on_epoch
+
+
+def test_a_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path: Path) -> None:
+    """State written every epoch; the run dies after epoch 12; the resumed run ends bit-identical.
+
+    Exact equality holds because the checkpoint holds every random generator the loop draws
+    from (torch's and the loader's) and CPU kernels are deterministic at a fixed thread count.
+    """
+    config = SMALL.model_copy(update={"epochs": 20, "input_noise": 0.3})
+    batches = _batches(_correlated(64, 0), _correlated(16, 1))
+    uninterrupted = train_flow(batches, config, seed=3)
+    resume_file = tmp_path / "training.pt"
+
+    with pytest.raises(_Killed):
+        train_flow(batches, config, seed=3, on_epoch=_die_at(12), resume_file=resume_file, checkpoint_every=0)
+    assert resume_file.is_file()
+    resumed = train_flow(batches, config, seed=3, resume_file=resume_file, checkpoint_every=0)
+    assert resumed.resumed_from_epoch == 11 and not resume_file.exists()
+    assert resumed.history.train_loss.tolist() == uninterrupted.history.train_loss.tolist()
+    theirs = _weights(uninterrupted)
+    for name, value in _weights(resumed).items():
+        assert torch.equal(value, theirs[name]), name
+
+
+def test_a_checkpoint_of_another_training_is_ignored(tmp_path: Path) -> None:
+    config = SMALL.model_copy(update={"epochs": 3})
+    resume_file = tmp_path / "training.pt"
+    with pytest.raises(_Killed):
+        train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), config, seed=1, resume_file=resume_file,
+                   checkpoint_every=0, on_epoch=_die_at(2))
+    assert resume_file.is_file()
+    other = train_flow(_batches(_correlated(64, 5), _correlated(16, 1)), config, seed=1, resume_file=resume_file)
+    assert other.resumed_from_epoch == 0
 
 
 def test_noise_shape_runs_from_whitened_to_absolute() -> None:
@@ -77,24 +139,22 @@ def test_weight_average_follows_the_model_with_its_decay() -> None:
 def test_without_validation_the_last_weights_are_kept() -> None:
     trained = train_flow(_batches(_correlated(64, 0), np.empty((0, 8), dtype=np.float32)),
                          SMALL.model_copy(update={"epochs": 3}), seed=0)
-    assert trained.best_epoch == 3 and all(h.validation_log_prob is None for h in trained.history)
+    assert trained.best_epoch == 3 and np.isnan(trained.history.validation_log_prob).all()
 
 
-def test_training_leaves_the_loaders_generator_alone() -> None:
+def test_the_same_batches_train_the_same_model_twice() -> None:
+    """A cached FaceBatches is reused by later runs in a process: training must not consume it."""
     batches = _batches(_correlated(64, 0), _correlated(16, 1))
-    generator = batches.loader.sampler.sampler.generator
-    before = generator.get_state()
     first = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
     second = train_flow(batches, SMALL.model_copy(update={"epochs": 2}), seed=0)
-    assert torch.equal(generator.get_state(), before)
-    assert [h.train_loss for h in first.history] == [h.train_loss for h in second.history]
+    assert first.history.train_loss.tolist() == second.history.train_loss.tolist()
 
 
 def test_actnorm_is_initialised_from_fit_faces_only_and_the_averaged_copy_shares_it() -> None:
     """Validation faces choose the kept epoch, nothing else: far-off validation faces change no weight."""
     config = SMALL.model_copy(update={"epochs": 1, "input_noise": 0.3})
     fit = _correlated(128, 0)
-    kept = [train_flow(_batches(fit, validation), config, seed=0).state_dict
+    kept = [_weights(train_flow(_batches(fit, validation), config, seed=0))
             for validation in (_correlated(64, 1), _correlated(64, 1) * 50 + 100)]
     assert kept[0].keys() == kept[1].keys()
     for name in kept[0]:
@@ -119,8 +179,7 @@ def test_training_steps_are_the_loaders_batches() -> None:
     config = SMALL.model_copy(update={"epochs": 2})
     batches = _batches(data, _correlated(16, 1), batch_size=16)
     trained = train_flow(batches, config, seed=0)
-    assert trained.steps == 2 * len(batches.loader) == 8
-    reordered = _batches(data, _correlated(16, 1), batch_size=16)
-    reordered.loader.sampler.sampler.generator.manual_seed(1)
+    assert trained.steps == 2 * batches.batches_per_epoch == 8
+    reordered = _batches(data, _correlated(16, 1), batch_size=16, seed=1)
     other = train_flow(reordered, config, seed=0)
-    assert [h.train_loss for h in other.history] != [h.train_loss for h in trained.history]
+    assert other.history.train_loss.tolist() != trained.history.train_loss.tolist()

@@ -25,3 +25,9 @@ class TaskStates:
         state = task(*args, return_state=True, **kwargs)
         self.names[task.name] = state.name
         return state.result()
+
+    def rows(self) -> list[dict[str, object]]:
+        """One row per task: served from the cache or computed, for the run's faceflow-cache table."""
+        return [
+            {"task": name, "state": state, "served from cache": state == "Cached"} for name, state in self.names.items()
+        ]

@@ -1,0 +1,216 @@
+"""The pipeline's steps as Prefect tasks: thin wrappers over the logic in tasks/*.py.
+
+Each task is cached on the content keys of its inputs (faceflow.caching), persists its
+result, and publishes its own artifact when it computes. A task imports its logic, and with
+it torch, scikit-learn and matplotlib, only when it computes: a run whose every step is
+cached loads plain results (tasks.results) and needs none of them, which took a cached
+re-run from about 5.5 s to about 2 s (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from faceflow.caching import KEYED_INPUTS
+from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
+from faceflow.keys import content_key
+from faceflow.settings import checkpoint_seconds, prefect_home
+from tasks.results import (
+    Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, NewPeople, RunReport, Scores, Split,
+    TrainedFlow,
+)
+
+STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
+
+
+def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
+    """Retry only what a retry can fix: a failed download."""
+    from tasks.data import DataUnavailableError
+
+    try:
+        state.result()
+    except DataUnavailableError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="fetch_faces", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_is_network_failure, **STEP)
+def fetch_faces(data_file: Path | None) -> Faces:
+    """The 400 Olivetti faces from a local file or scikit-learn's download."""
+    from artifacts.publish import publish_table
+    from tasks.data import load_faces
+
+    faces = load_faces(data_file)
+    publish_table("faceflow-data", [{
+        "faces": len(faces.images), "people": len(set(faces.target.tolist())), "image": "64 x 64",
+        "source": faces.source, "sha256": faces.sha256,
+    }], "The faces this run read")
+    return faces
+
+
+@task(name="split_faces", **STEP)
+def split_faces(faces: Faces, config: DataConfig) -> Split:
+    """Seeded held-out / validation / fit split, a fixed number of images per person."""
+    from artifacts.publish import publish_table
+    from tasks.data import split_indices
+
+    split = split_indices(faces.target, config)
+    people = len(set(faces.target.tolist()))
+    publish_table("faceflow-split", [
+        {"part": part, "images": len(index), "per person": len(index) / people, "seen by": seen}
+        for part, index, seen in (
+            ("fit", split.fit, "PCA and flow"), ("validation", split.validation, "early stopping only"),
+            ("held-out", split.heldout, "the report only"),
+        )
+    ], f"Split seed {config.split_seed}")
+    return split
+
+
+@task(name="fit_pca", **STEP)
+def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
+    """PCA keeping about the target variance, rounded to a power of two."""
+    from artifacts import figures
+    from artifacts.publish import publish_figure
+    from tasks.pca import fit_pca_on, pca_rule
+
+    pca = fit_pca_on(faces, split, config)
+    figure = figures.explained_variance(pca.cumulative_variance, pca.variance_target, pca.components_for_target, pca.n_components)
+    publish_figure("faceflow-pca", "PCA: cumulative explained variance", figures.png_bytes(figure),
+                   "Components kept and why", pca_rule(pca, config))
+    return pca
+
+
+@task(name="build_dataloader", **STEP)
+def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
+    """Shuffled, seeded batches of the fit faces' PCA coordinates."""
+    from artifacts.publish import publish_table
+    from tasks.train import make_batches
+
+    batches = make_batches(pca, split, config, seed)
+    publish_table("faceflow-dataloader", [{
+        "fit faces": len(batches.fit), "batch size": batches.batch_size, "batches per epoch": batches.batches_per_epoch,
+        "validation faces": len(batches.validation), "dimensions": pca.n_components, "shuffle seed": seed,
+    }], "What each training epoch iterates")
+    return batches
+
+
+@task(name="train_realnvp", **STEP)
+def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: str) -> TrainedFlow:
+    """RealNVP by maximum likelihood, with a progress bar and a live loss curve in the UI.
+
+    ``device`` is the resolved one ("cpu", "cuda"), so a GPU and a CPU run never share a cache key.
+    Its whole state is checkpointed every FACEFLOW_CHECKPOINT_SECONDS under PREFECT_HOME, keyed
+    like its result, so a killed training resumes there.
+    """
+    from artifacts.progress import TrainingProgress
+    from tasks.train import train_flow
+
+    resume_file = prefect_home() / "checkpoints" / f"train_realnvp-{content_key('trained', batches, config, seed, device)}.pt"
+    with TrainingProgress(config.epochs) as progress:
+        trained = train_flow(
+            batches, config, seed, device=device, resume_file=resume_file, checkpoint_every=checkpoint_seconds(),
+            on_epoch=lambda stats: progress.update(stats.epoch, stats.train_loss, stats.validation_log_prob),
+        )
+        progress.finish(trained.history.train_loss, trained.history.validation_log_prob, trained.best_epoch)
+    return trained
+
+
+@task(name="fit_baselines", **STEP)
+def fit_baselines(pca: FittedPCA, split: Split, config: BaselineConfig, seed: int) -> Baselines:
+    """Diagonal Gaussian, diagonal GaussianMixture, Gaussian KDE and optionally the lab recipe, on the same split."""
+    from artifacts.publish import publish_table
+    from tasks.baselines import fit_baseline_models
+
+    baselines = fit_baseline_models(pca, split, config, seed)
+    publish_table("faceflow-baselines", [
+        {"method": r.name, "held-out log p": r.heldout_log_prob, "validation log p": r.validation_log_prob,
+         "seconds": r.train_seconds, "chosen": r.detail}
+        for r in baselines.results
+    ], "Baseline densities on the same PCA coordinates (nats per face)")
+    return baselines
+
+
+@task(name="score_new_people", **STEP)
+def score_new_people(
+    faces: Faces, data: DataConfig, pca_config: PCAConfig, train: TrainConfig, baselines: BaselineConfig,
+    seed: int, device: str,
+) -> NewPeople:
+    """log p of people held out of PCA and flow altogether, beside the baselines'."""
+    from artifacts.publish import publish_table
+    from tasks.new_people import evaluate_new_people
+
+    new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device)
+    publish_table("faceflow-new-people", [
+        {"fold": number, "people": ", ".join(map(str, fold.people)), "flow log p": fold.flow_log_prob}
+        | {f"{name} log p": value for name, value in fold.baseline_log_prob.items()}
+        for number, fold in enumerate(new_people.folds, start=1)
+    ], "Every image of people neither the PCA nor the flow saw (nats per face)")
+    return new_people
+
+
+@task(name="sample_faces", **STEP)
+def sample_faces(trained: TrainedFlow, pca: FittedPCA, split: Split, config: SampleConfig, seed: int) -> GeneratedFaces:
+    """N new faces at the configured temperature."""
+    from artifacts import figures
+    from artifacts.publish import publish_figure
+    from tasks.generate import draw_samples
+
+    samples = draw_samples(trained, pca, split, config, seed)
+    figure = figures.sample_grid(samples.images, samples.nearest_train_distance, samples.temperature)
+    publish_figure("faceflow-samples", "Samples", figures.png_bytes(figure), f"{config.n_samples} faces at T={config.temperature:g}")
+    return samples
+
+
+@task(name="score_log_prob", **STEP)
+def score_log_prob(trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, samples: GeneratedFaces) -> Scores:
+    """log p(x) of fit, validation and held-out faces and of the generated samples."""
+    from artifacts.publish import publish_table
+    from tasks.score import score_faces
+
+    scores = score_faces(trained, pca, faces, split, samples)
+    publish_table("faceflow-scores", [
+        {"part": part, "faces": len(values), "mean log p": scores.mean_log_prob(part),
+         "lowest": float(values.min()), "highest": float(values.max())}
+        for part in ("fit", "validation", "heldout", "sample") if len(values := scores.of(part))
+    ], "log p per part (nats per face); every face's score is in the run folder's scores.csv")
+    return scores
+
+
+@task(name="interpolate_faces", **STEP)
+def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig) -> Interpolation:
+    """A latent-space walk between two real faces of different people."""
+    from artifacts import figures
+    from artifacts.publish import publish_figure
+    from tasks.generate import interpolate_between
+
+    walk = interpolate_between(trained, pca, config)
+    figure = figures.interpolation_strip(walk.images, walk.method, walk.index_a, walk.index_b)
+    publish_figure("faceflow-interpolation", "Interpolation", figures.png_bytes(figure), f"face {walk.index_a} to face {walk.index_b}")
+    return walk
+
+
+@task(name="report", **STEP)
+def report(
+    run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces, scores: Scores,
+    interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
+) -> RunReport:
+    """report.md with figures and the model files in the run folder; the report in the UI."""
+    from artifacts.publish import publish_markdown, publish_table
+    from artifacts.run_folder import write_run_folder
+    from tasks.report import build_report
+
+    built = build_report(run_folder.name, split, pca, trained, samples, scores, interpolation, baselines, new_people, config)
+    write_run_folder(run_folder, built.files)
+    publish_markdown("faceflow-report", built.markdown, "faceflow run report")
+    publish_table("faceflow-quality", built.comparison.to_dict(orient="records"), "Held-out and new-people log p: flow vs baselines")
+    publish_table("faceflow-metrics", [{"metric": k, "value": v} for k, v in built.metrics.items()], "Run metrics")
+    return RunReport(
+        content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people),
+        run_folder, built.metrics,
+    )
