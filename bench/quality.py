@@ -15,9 +15,11 @@ import numpy as np
 
 from faceflow.config import DataConfig, FaceflowConfig, TrainConfig
 from tasks.baselines import fit_baseline_models
-from tasks.data import Faces, Split, load_faces, split_indices, tuning_split_indices
+from tasks.data import load_faces, split_indices, tuning_split_indices
+from tasks.model import trained_model
 from tasks.new_people import evaluate_new_people
-from tasks.pca import FittedPCA, fit_pca_on
+from tasks.pca import fit_pca_on
+from tasks.results import Faces, FittedPCA, Split
 from tasks.score import bits_per_dim, flow_log_prob
 from tasks.train import make_batches, train_flow
 
@@ -50,7 +52,7 @@ def train_and_score(faces: Faces, split: Split, config: FaceflowConfig) -> tuple
     """PCA and flow on the split's fit part, as a run fits them; the flow's mean log p of the held-out part."""
     pca = fit_pca_on(faces, split, config.pca)
     trained = train_flow(make_batches(pca, split, config.train, config.seed), config.train, config.seed, device="cpu")
-    log_p = float(flow_log_prob(trained.model(), pca.coords[split.heldout]).mean())
+    log_p = float(flow_log_prob(trained_model(trained), pca.coords[split.heldout]).mean())
     return pca, {"log_prob": log_p, "train_seconds": trained.seconds, "best_epoch": trained.best_epoch}
 
 

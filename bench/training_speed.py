@@ -14,7 +14,8 @@ import torch
 
 from faceflow.config import TrainConfig
 from tasks.lab_recipe import LAB_BATCH_SIZE, LAB_EPOCHS, LAB_HIDDEN, LAB_LAYERS
-from tasks.train import FaceBatches, face_loader, make_optimizer, train_flow
+from tasks.results import FaceBatches
+from tasks.train import make_optimizer, train_flow
 
 EQUAL_SHAPE = TrainConfig(
     epochs=LAB_EPOCHS, batch_size=LAB_BATCH_SIZE, num_layers=LAB_LAYERS, hidden_units=LAB_HIDDEN, device="cpu"
@@ -23,8 +24,8 @@ EQUAL_SHAPE = TrainConfig(
 
 def project_steps_per_second(coords: np.ndarray, config: TrainConfig = EQUAL_SHAPE) -> dict[str, float]:
     """faceflow's train_flow on all faces, no validation pass, at the lab's shape."""
-    loader = face_loader(torch.from_numpy(coords), config.batch_size, seed=0)
-    trained = train_flow(FaceBatches("bench", loader, torch.empty(0, coords.shape[1])), config, seed=0)
+    batches = FaceBatches("bench", coords, np.empty((0, coords.shape[1]), dtype=np.float32), config.batch_size, seed=0)
+    trained = train_flow(batches, config, seed=0)
     return {"steps": trained.steps, "seconds": trained.seconds, "steps_per_second": trained.steps / trained.seconds}
 
 

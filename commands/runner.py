@@ -11,7 +11,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from artifacts.publish import json_safe
+from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
 from flows.pipeline import faceflow_pipeline
 

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from artifacts.publish import publish_figure, publish_markdown, publish_table
 from faceflow.caching import KEYED_INPUTS
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
@@ -43,7 +44,6 @@ def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
 @task(name="fetch_faces", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_is_network_failure, **STEP)
 def fetch_faces(data_file: Path | None) -> Faces:
     """The 400 Olivetti faces from a local file or scikit-learn's download."""
-    from artifacts.publish import publish_table
     from tasks.data import load_faces
 
     faces = load_faces(data_file)
@@ -57,7 +57,6 @@ def fetch_faces(data_file: Path | None) -> Faces:
 @task(name="split_faces", **STEP)
 def split_faces(faces: Faces, config: DataConfig) -> Split:
     """Seeded held-out / validation / fit split, a fixed number of images per person."""
-    from artifacts.publish import publish_table
     from tasks.data import split_indices
 
     split = split_indices(faces.target, config)
@@ -76,7 +75,6 @@ def split_faces(faces: Faces, config: DataConfig) -> Split:
 def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
     """PCA keeping about the target variance, rounded to a power of two."""
     from artifacts import figures
-    from artifacts.publish import publish_figure
     from tasks.pca import fit_pca_on, pca_rule
 
     pca = fit_pca_on(faces, split, config)
@@ -89,7 +87,6 @@ def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
 @task(name="build_dataloader", **STEP)
 def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
     """Shuffled, seeded batches of the fit faces' PCA coordinates."""
-    from artifacts.publish import publish_table
     from tasks.train import make_batches
 
     batches = make_batches(pca, split, config, seed)
@@ -124,7 +121,6 @@ def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: 
 @task(name="fit_baselines", **STEP)
 def fit_baselines(pca: FittedPCA, split: Split, config: BaselineConfig, seed: int) -> Baselines:
     """Diagonal Gaussian, diagonal GaussianMixture, Gaussian KDE and optionally the lab recipe, on the same split."""
-    from artifacts.publish import publish_table
     from tasks.baselines import fit_baseline_models
 
     baselines = fit_baseline_models(pca, split, config, seed)
@@ -142,7 +138,6 @@ def score_new_people(
     seed: int, device: str,
 ) -> NewPeople:
     """log p of people held out of PCA and flow altogether, beside the baselines'."""
-    from artifacts.publish import publish_table
     from tasks.new_people import evaluate_new_people
 
     new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device)
@@ -158,7 +153,6 @@ def score_new_people(
 def sample_faces(trained: TrainedFlow, pca: FittedPCA, split: Split, config: SampleConfig, seed: int) -> GeneratedFaces:
     """N new faces at the configured temperature."""
     from artifacts import figures
-    from artifacts.publish import publish_figure
     from tasks.generate import draw_samples
 
     samples = draw_samples(trained, pca, split, config, seed)
@@ -170,7 +164,6 @@ def sample_faces(trained: TrainedFlow, pca: FittedPCA, split: Split, config: Sam
 @task(name="score_log_prob", **STEP)
 def score_log_prob(trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Split, samples: GeneratedFaces) -> Scores:
     """log p(x) of fit, validation and held-out faces and of the generated samples."""
-    from artifacts.publish import publish_table
     from tasks.score import score_faces
 
     scores = score_faces(trained, pca, faces, split, samples)
@@ -186,7 +179,6 @@ def score_log_prob(trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Sp
 def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig) -> Interpolation:
     """A latent-space walk between two real faces of different people."""
     from artifacts import figures
-    from artifacts.publish import publish_figure
     from tasks.generate import interpolate_between
 
     walk = interpolate_between(trained, pca, config)
@@ -201,7 +193,6 @@ def report(
     interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
 ) -> RunReport:
     """report.md with figures and the model files in the run folder; the report in the UI."""
-    from artifacts.publish import publish_markdown, publish_table
     from artifacts.run_folder import write_run_folder
     from tasks.report import build_report
 

@@ -113,14 +113,35 @@ def test_reported_heldout_log_prob_is_reproducible_from_saved_files(first_run: d
     assert float(log_p.double().mean()) == pytest.approx(first_run["metrics"]["heldout_log_prob"], abs=1e-3)
 
 
-def test_artifacts_are_published(server: str, first_run: dict) -> None:
+ARTIFACT_OF_TASK = {
+    "fetch_faces": "faceflow-data", "split_faces": "faceflow-split", "fit_pca": "faceflow-pca",
+    "build_dataloader": "faceflow-dataloader", "train_realnvp": "faceflow-training-curve",
+    "fit_baselines": "faceflow-baselines", "score_new_people": "faceflow-new-people", "sample_faces": "faceflow-samples",
+    "score_log_prob": "faceflow-scores", "interpolate_faces": "faceflow-interpolation", "report": "faceflow-report",
+}
+
+
+def test_every_task_publishes_its_own_artifact(server: str, first_run: dict) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     artifacts = artifacts_of(server, first_run["flow_run_id"])
-    assert {"faceflow-report", "faceflow-quality", "faceflow-scores", "faceflow-metrics", "faceflow-training"} <= set(artifacts)
+    assert set(ARTIFACT_OF_TASK.values()) | {"faceflow-training", "faceflow-quality", "faceflow-metrics", "faceflow-cache"} <= set(artifacts)
+    with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+        for task, key in ARTIFACT_OF_TASK.items():  # published by that task's run, not by the flow at the end
+            task_run = client.read_task_run(artifacts[key].task_run_id)
+            assert task_run.name.rsplit("-", 1)[0] == task, key
+    assert artifacts["faceflow-cache"].task_run_id is None
     report = artifacts["faceflow-report"]
     assert report.type == "markdown" and report.data.count("data:image/png;base64,") == 5
     assert artifacts["faceflow-training"].type == "progress" and float(artifacts["faceflow-training"].data) == 100.0
+    assert "data:image/png;base64," in artifacts["faceflow-training-curve"].data and "3 of 3 epochs" in artifacts["faceflow-training-curve"].data
     quality = json.loads(artifacts["faceflow-quality"].data)
     assert [row["method"] for row in quality][:3] == ["faceflow RealNVP", "diagonal Gaussian", "GaussianMixture"]
+    heldout = quality[0]["heldout_log_prob"]
+    assert heldout == float(f"{first_run['metrics']['heldout_log_prob']:.4g}")  # rounded for reading
+    cache = {row["task"]: row["state"] for row in json.loads(artifacts["faceflow-cache"].data)}
+    assert cache == first_run["tasks"]
 
 
 @pytest.mark.parametrize("repetition", range(5))

@@ -1,0 +1,97 @@
+"""Scheduled retraining: a challenger is trained and replaces the champion only if it is better on validation faces."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.variables import Variable
+from pydantic import Field
+
+from artifacts.publish import publish_markdown, publish_table
+from faceflow.config import DataConfig, FaceflowConfig
+from faceflow.keys import content_key
+from faceflow.settings import models_dir
+from flows.pipeline import PipelineResult, faceflow_pipeline
+from tasks.data import resolve_data_file
+from tasks.steps import fetch_faces, promote_champion, score_champion, split_faces
+
+CHAMPION_VARIABLE = "faceflow-champion"
+# Promotion compares validation log p, so a retraining run keeps validation faces (one per person).
+RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_per_person=1))
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    promoted: bool
+    reason: str
+    challenger: dict[str, object]  # its leaderboard row
+    champion: dict[str, object] | None  # the champion after this run
+
+
+def seed_for(scheduled: datetime.datetime) -> int:
+    """A model seed derived from the run's scheduled time: each week a fresh one, a retried run the same."""
+    return int(scheduled.timestamp())
+
+
+def _leaderboard_row(scheduled: datetime.datetime, seed: int, result: PipelineResult | None, error: str | None) -> dict:
+    metrics = result.report.metrics if result else {}
+    return {
+        "scheduled": scheduled.isoformat(timespec="seconds"), "seed": seed,
+        "validation log p": metrics.get("validation_log_prob"), "held-out log p": metrics.get("heldout_log_prob"),
+        "run folder": str(result.report.folder) if result else None, "promoted": False, "why": error or "",
+    }
+
+
+@flow(name="faceflow-retrain", persist_result=True)
+def faceflow_retrain(
+    config: FaceflowConfig = RETRAIN_CONFIG,
+    promotion_margin: Annotated[
+        float, Field(ge=0.0, le=100.0, description="Nats of validation log p a challenger must gain to replace the champion.")
+    ] = 0.5,
+) -> RetrainResult:
+    """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
+    from tasks.champion import ChampionRecord, append_leaderboard, decide, now_utc, read_champion
+
+    if config.data.validation_per_person < 1:
+        raise ValueError("promotion compares validation log p: config.data.validation_per_person must be at least 1")
+    scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
+    seed = seed_for(scheduled)
+    models = models_dir()
+    state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
+    if state.is_failed() or state.is_crashed():
+        row = _leaderboard_row(scheduled, seed, None, f"challenger failed: {state.message}")
+        _publish_leaderboard(append_leaderboard(models, row), row["why"])
+        state.result()  # raises: a failed challenger fails the retraining run
+    challenger: PipelineResult = state.result()
+    row = _leaderboard_row(scheduled, seed, challenger, None)
+
+    champion = read_champion(models)
+    champion_validation = None
+    if champion is not None:  # re-scored on this run's validation faces, the faces the challenger was judged on
+        faces = fetch_faces(resolve_data_file(config.data))
+        champion_validation = score_champion(models, faces, split_faces(faces, config.data))
+    decision = decide(challenger.report.metrics["validation_log_prob"], champion_validation, promotion_margin)
+    if decision.promote:
+        record = ChampionRecord(
+            run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
+            config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": config.output_dir.name})),
+            validation_log_prob=challenger.report.metrics["validation_log_prob"],
+            heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at=now_utc(),
+            metrics=challenger.report.metrics,
+        )
+        promote_champion(challenger.report.folder, record, models)
+        Variable.set(CHAMPION_VARIABLE, record.to_json(), overwrite=True)
+        champion = record
+    row |= {"promoted": decision.promote, "why": decision.reason}
+    _publish_leaderboard(append_leaderboard(models, row), decision.reason)
+    get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
+    return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)
+
+
+def _publish_leaderboard(rows: list[dict[str, object]], reason: str) -> None:
+    publish_table("faceflow-leaderboard", rows[::-1], "Every challenger, newest first: promoted or not, and why")
+    publish_markdown("faceflow-decision", f"### Retraining decision\n\n{reason}\n", "Why this run's challenger was promoted or not")
