@@ -186,8 +186,13 @@ class FaceflowConfig(_Section):
     output_dir: Path = Field(Path("outputs"), description="Folder that receives run folders.")
     threads: int = Field(
         1, ge=1, le=256,
-        description="CPU threads for torch and BLAS. These small networks train as fast on 1 as on 2, "
+        description="CPU threads for torch and BLAS in each step. These small networks train as fast on 1 as on 2, "
         "and more threads than free cores made training up to 100x slower.",
+    )
+    parallel: bool = Field(
+        True,
+        description="Train the new-people models beside the main one (a second core); "
+        "--no-parallel when other work shares the cores. Results are the same either way.",
     )
     data: DataConfig = DataConfig()
     pca: PCAConfig = PCAConfig()

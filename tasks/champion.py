@@ -23,7 +23,7 @@ import joblib
 import numpy as np
 import torch
 
-from tasks.model import load_checkpoint
+from tasks.model import load_checkpoint, seeded
 from tasks.olivetti import IMAGE_SHAPE
 
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
@@ -144,8 +144,7 @@ def champion_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray:
 def champion_samples(models_dir: Path, n: int, temperature: float, seed: int) -> np.ndarray:
     """``n`` new faces (n, 64, 64) in [0, 1] drawn from the champion, no flow run needed."""
     model, pca = load_champion_model(models_dir)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed), torch.no_grad():
         model.q0.temperature = temperature
         coords, _ = model.sample(n)
     pixels = pca.inverse_transform(coords.double().numpy())

@@ -7,7 +7,7 @@ import torch
 
 from faceflow.config import InterpolateConfig, SampleConfig
 from faceflow.keys import content_key
-from tasks.model import trained_model
+from tasks.model import seeded, trained_model
 from tasks.olivetti import IMAGE_SHAPE
 from tasks.pca import to_pixels
 from tasks.results import FittedPCA, GeneratedFaces, Interpolation, Split, TrainedFlow
@@ -37,8 +37,7 @@ def draw_samples(
     held-out face's raw pixels carry the detail PCA drops and would sit further from everything.
     """
     model = trained_model(trained)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed), torch.no_grad():
         model.q0.temperature = config.temperature
         coords, _ = model.sample(config.n_samples)
     coords = coords.numpy()

@@ -6,6 +6,8 @@ import normflows as nf
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from tasks.model import seeded
+
 LAB_LAYERS = 8
 LAB_HIDDEN = 128
 LAB_EPOCHS = 150
@@ -26,8 +28,8 @@ def build_lab_realnvp(dim: int) -> nf.NormalizingFlow:
 
 def train_lab_recipe(coords: torch.Tensor, seed: int, epochs: int = LAB_EPOCHS) -> tuple[nf.NormalizingFlow, int]:
     """The lab's loop as it was: DataLoader batches, Adam 1e-4, StepLR(12, 0.6). Returns (model, steps)."""
-    torch.manual_seed(seed)
-    model = build_lab_realnvp(coords.shape[1])
+    with seeded(seed):
+        model = build_lab_realnvp(coords.shape[1])
     loader = DataLoader(
         TensorDataset(coords), batch_size=LAB_BATCH_SIZE, shuffle=True,
         generator=torch.Generator().manual_seed(seed),

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,22 @@ class SwapHalves(nf.flows.Flow):
 
     def inverse(self, z: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         return self.forward(z)
+
+
+# torch's global generator is one per process, and steps may run in parallel threads (the
+# new-people models train beside the main one): whatever draws from it holds this lock.
+_GLOBAL_RNG = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global generator seeded with ``seed`` for this block alone, and for no other thread.
+
+    For what cannot take a generator of its own: layer initialisation, normflows' sampling.
+    """
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def build_realnvp(spec: ModelSpec, mean: np.ndarray, std: np.ndarray) -> nf.NormalizingFlow:

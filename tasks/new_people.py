@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from faceflow.config import N_PEOPLE, BaselineConfig, DataConfig, PCAConfig, TrainConfig
@@ -37,12 +39,12 @@ def new_people_split(target: np.ndarray, config: DataConfig, people: list[int]) 
 
 def evaluate_fold(
     faces: Faces, people: list[int], data: DataConfig, pca_config: PCAConfig, train: TrainConfig,
-    baselines: BaselineConfig, seed: int, device: str,
+    baselines: BaselineConfig, seed: int, device: str, cancelled: Callable[[], bool] = lambda: False,
 ) -> NewPeopleFold:
     """PCA, flow and baselines fitted as in the run but without ``people``; then all their images scored."""
     split = new_people_split(faces.target, data, people)
     pca = fit_pca_on(faces, split, pca_config)
-    trained = train_flow(make_batches(pca, split, train, seed), train, seed, device=device)
+    trained = train_flow(make_batches(pca, split, train, seed), train, seed, device=device, cancelled=cancelled)
     log_p = flow_log_prob(trained_model(trained), pca.coords[split.heldout])
     heldout_people = faces.target[split.heldout]
     # The lab recipe takes 15 s and is no baseline worth beating; the new-people figure leaves it out.
@@ -58,11 +60,11 @@ def evaluate_fold(
 
 def evaluate_new_people(
     faces: Faces, data: DataConfig, pca_config: PCAConfig, train: TrainConfig, baselines: BaselineConfig,
-    seed: int, device: str,
+    seed: int, device: str, cancelled: Callable[[], bool] = lambda: False,
 ) -> NewPeople:
-    """``data.new_people_folds`` folds of ``data.new_people_per_fold`` people each."""
+    """``data.new_people_folds`` folds of ``data.new_people_per_fold`` people each; ``cancelled`` stops it early."""
     folds = [
-        evaluate_fold(faces, new_people_of_fold(data, fold), data, pca_config, train, baselines, seed, device)
+        evaluate_fold(faces, new_people_of_fold(data, fold), data, pca_config, train, baselines, seed, device, cancelled)
         for fold in range(data.new_people_folds)
     ]
     return NewPeople(content_key("new-people", faces, data, pca_config, train, baselines, seed, device), folds)

@@ -9,10 +9,12 @@ re-run from about 5.5 s to about 2 s (docs/benchmarks.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
 from prefect.client.schemas.objects import TaskRun
+from prefect.runtime import flow_run
 from prefect.states import State
 
 from artifacts.publish import publish_figure, publish_markdown, publish_table
@@ -26,6 +28,20 @@ from tasks.results import (
 )
 
 STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
+
+# Flow runs that have failed or been interrupted: their steps still running in other threads
+# stop at their next epoch, or the flow would wait for them before it could end.
+_STOPPING: set[str] = set()
+
+
+def stop_steps_of(flow_run_id: str) -> None:
+    """Ask the steps of this flow run that run in other threads to stop."""
+    _STOPPING.add(flow_run_id)
+
+
+def _stop_requested() -> Callable[[], bool]:
+    flow_run_id = str(flow_run.id)
+    return lambda: flow_run_id in _STOPPING
 
 
 def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
@@ -140,7 +156,7 @@ def score_new_people(
     """log p of people held out of PCA and flow altogether, beside the baselines'."""
     from tasks.new_people import evaluate_new_people
 
-    new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device)
+    new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device, cancelled=_stop_requested())
     publish_table("faceflow-new-people", [
         {"fold": number, "people": ", ".join(map(str, fold.people)), "flow log p": fold.flow_log_prob}
         | {f"{name} log p": value for name, value in fold.baseline_log_prob.items()}

@@ -25,7 +25,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from faceflow.config import TrainConfig
 from faceflow.keys import content_key
 from tasks.devices import resolve_device
-from tasks.model import ModelSpec, build_realnvp, checkpoint_bytes, checkpoint_payload, save_checkpoint, trainable_parameters
+from tasks.model import (
+    ModelSpec, build_realnvp, checkpoint_bytes, checkpoint_payload, save_checkpoint, seeded, trainable_parameters,
+)
 from tasks.results import FaceBatches, FittedPCA, Split, TrainedFlow, TrainingHistory
 
 VALIDATIONS_PER_RUN = 200
@@ -35,6 +37,10 @@ DIVERGENCE_WINDOW = 20
 
 class TrainingDiverged(RuntimeError):
     """The loss or the kept model's log p went non-finite: a result not worth keeping or caching."""
+
+
+class TrainingCancelled(RuntimeError):
+    """Stopped on request: the run it belonged to has failed or was interrupted."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class Checkpointer:
     """Writes the training's whole state to ``path`` every ``every`` seconds, atomically; reads it back.
 
     The state is the model, its weight average, the optimiser, the schedule, the best weights so
-    far, the history, and the random generators (torch's and the loader's): resumed from it, the
+    far, the history, and the random generators (the noise's and the loader's): resumed from it, the
     rest of the training draws the same noise and batches as an uninterrupted one.
     """
 
@@ -176,12 +182,14 @@ def train_flow(
     device: str | None = None,
     resume_file: Path | None = None,
     checkpoint_every: float = math.inf,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> TrainedFlow:
     """Fit by maximum likelihood on the loader's batches; keep the weights with the best validation log p.
 
     With ``resume_file``, the whole training state is written there every ``checkpoint_every``
     seconds, a training killed part-way resumes from it, and it is removed at the end.
-    Raises TrainingDiverged when most recent steps' losses, or the kept model's log p, are not finite.
+    Raises TrainingDiverged when most recent steps' losses, or the kept model's log p, are not
+    finite; TrainingCancelled at the first epoch after ``cancelled()`` turns true.
     """
     device = torch.device(device or resolve_device(config.device))
     fit = torch.from_numpy(batches.fit).to(device)  # for the whitening statistics and ActNorm's initialisation
@@ -192,13 +200,15 @@ def train_flow(
     mean, std = clean.mean(0), clean.std(0)
     spec = ModelSpec(dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
 
-    torch.manual_seed(seed)
-    model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
+    with seeded(seed):
+        model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
+    # The input noise draws from the training's own generator: reproducible however many trainings run at once.
+    noise = torch.Generator(device=device).manual_seed(seed)
     optimizer = make_optimizer(trainable_parameters(model), config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
     noise_scale = input_noise_scale(std, config)
     with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
-        model.log_prob(clean + noise_scale * torch.randn_like(clean))
+        model.log_prob(clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device))
     # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
     averaged = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
@@ -210,7 +220,7 @@ def train_flow(
         evaluated.load_state_dict(saved["evaluated"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        noise.set_state(saved["noise_rng"])
         loader_generator.set_state(saved["loader_rng"])
         progress = _Progress(**saved["progress"])
     resumed_from = progress.epoch
@@ -218,7 +228,7 @@ def train_flow(
     def state() -> dict:
         return {
             "model": model.state_dict(), "evaluated": evaluated.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "scheduler": scheduler.state_dict(), "noise_rng": noise.get_state(),
             "loader_rng": loader_generator.get_state(), "progress": vars(progress),
         }
 
@@ -228,12 +238,14 @@ def train_flow(
     started = time.perf_counter()
     model.train()
     for epoch in range(progress.epoch + 1, config.epochs + 1):
+        if cancelled():
+            raise TrainingCancelled(f"training cancelled at epoch {epoch} of {config.epochs}")
         epoch_loss, finite_batches = 0.0, 0
         for (batch,) in loader:
             batch = batch.to(device)
             if config.noise_draws > 1:
                 batch = batch.repeat(config.noise_draws, 1)
-            batch = batch + noise_scale * torch.randn_like(batch)
+            batch = batch + noise_scale * torch.randn(batch.shape, generator=noise, device=device)
             loss = -model.log_prob(batch).mean()
             loss_value = loss.item()  # one read of the loss per step, for the check and the mean
             progress.steps += 1
