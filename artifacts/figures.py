@@ -43,6 +43,14 @@ def sample_grid(images: np.ndarray, nearest_distance: np.ndarray, temperature: f
     return figure
 
 
+def face_grid(images: np.ndarray, title: str) -> Figure:
+    """Faces in rows of up to eight, under one title."""
+    figure = _image_grid(images, columns=min(8, len(images)))
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout(pad=0.3)
+    return figure
+
+
 def interpolation_strip(images: np.ndarray, method: str, index_a: int, index_b: int) -> Figure:
     figure = _image_grid(images, columns=len(images), width=1.2)
     figure.suptitle(f"{method} interpolation in latent space: face {index_a} -> face {index_b}", fontsize=9)

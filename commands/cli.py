@@ -8,20 +8,25 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
+import numpy as np
 import typer
 from pydantic import BaseModel, ValidationError
 
 from artifacts.run_folder import OutputFolderError, check_output_folder
+from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
 from commands.server import ServerError, api_server
 from faceflow.settings import (
-    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, prefect_home, server_start_timeout,
+    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, models_dir, prefect_home,
+    server_start_timeout,
 )
+from tasks.champion import champion_path
 from tasks.olivetti import DataFileError, checked_faces_array
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
 
 
 def config_fields(model: type[BaseModel] = FaceflowConfig, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -201,6 +206,94 @@ def ui(
 
 
 app.command("ui")(ui)
+
+
+def champion(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object.")] = False,
+) -> None:
+    """The champion model: its run folder, flow run, seed, and validation and held-out log p."""
+    from tasks.champion import read_champion
+
+    record = read_champion(models_dir())
+    if record is None:
+        typer.echo(f"no champion in {models_dir()} yet: the weekly-retrain deployment promotes the first one", err=True)
+        raise typer.Exit(code=1)
+    if json_output:
+        typer.echo(json.dumps(record.to_json()))
+        return
+    typer.echo(f"champion: {champion_path(models_dir())} (from {record.run_folder})")
+    typer.echo(f"  promoted {record.promoted_at}, flow run {record.flow_run_id}, seed {record.seed}")
+    typer.echo(f"  validation log p {record.validation_log_prob:.2f}, held-out log p {record.heldout_log_prob:.2f} nats per face")
+
+
+app.command("champion")(champion)
+
+
+def sample(
+    n: Annotated[int, typer.Option("--n", help="Faces to draw.", min=1, max=1024)] = 16,
+    out: Annotated[Path, typer.Option("--out", help="Folder for samples.png and samples.npy.")] = Path("samples"),
+    temperature: Annotated[float, typer.Option(help="Scale of the base distribution (0 < T <= 1).")] = 0.8,
+    seed: Annotated[int, typer.Option(help="Seed of the draw.", min=0)] = 0,
+) -> None:
+    """New faces from the champion, without a flow run: OUT/samples.png and OUT/samples.npy."""
+    if not 0.0 < temperature <= 1.0:
+        typer.echo(f"faceflow sample refused: --temperature {temperature:g}: expected 0 < T <= 1", err=True)
+        raise typer.Exit(code=2)
+    _refuse_unwritable(out)
+    from artifacts import figures
+    from tasks.champion import ChampionError
+    from tasks.champion_model import champion_samples
+
+    try:
+        images = champion_samples(models_dir(), n, temperature, seed)
+    except ChampionError as error:
+        typer.echo(f"faceflow sample failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", images)
+    title = f"{n} faces from the champion at T={temperature:g}, seed {seed}"
+    (out / "samples.png").write_bytes(figures.png_bytes(figures.face_grid(images, title)))
+    typer.echo(f"{n} faces: {out / 'samples.png'} and {out / 'samples.npy'} ({n} x 64 x 64, values in [0, 1])")
+
+
+app.command("sample")(sample)
+
+
+def score(
+    images: Annotated[Path, typer.Argument(help="A .npy of faces: (n, 64, 64) or (n, 4096), values in [0, 1].")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """log p of your own 64x64 faces under the champion, in nats per face (its PCA coordinates)."""
+    from tasks.champion import ChampionError
+    from tasks.champion_model import champion_log_prob, read_user_faces
+
+    try:
+        faces = read_user_faces(images)
+    except ChampionError as error:
+        typer.echo(f"faceflow score refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        log_p = champion_log_prob(models_dir(), faces)
+    except ChampionError as error:
+        typer.echo(f"faceflow score failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    if json_output:
+        typer.echo(json.dumps({"log_prob": [json_safe(v) for v in log_p.tolist()], "mean": json_safe(float(log_p.mean()))}))
+        return
+    for index, value in enumerate(log_p):
+        typer.echo(f"face {index}: {value:.2f}")
+    typer.echo(f"mean log p: {float(log_p.mean()):.2f} nats per face over {len(log_p)} faces")
+
+
+app.command("score")(score)
+
+
+def _refuse_unwritable(folder: Path) -> None:
+    try:
+        check_output_folder(folder, required_free_bytes=1 << 20)
+    except OutputFolderError as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -14,6 +14,7 @@ SERVER_START_TIMEOUT_VARIABLE = "FACEFLOW_SERVER_START_TIMEOUT"
 DEFAULT_SERVER_START_TIMEOUT = 180.0
 DOWNLOAD_TIMEOUT_VARIABLE = "FACEFLOW_DOWNLOAD_TIMEOUT"
 DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # per network read; the whole file is 1.4 MB
+MODELS_DIR_VARIABLE = "FACEFLOW_MODELS_DIR"
 CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
 
@@ -31,6 +32,11 @@ def data_file_from_environment() -> Path | None:
 def api_url_from_environment() -> str | None:
     """PREFECT_API_URL, if set: the Prefect server every faceflow command then uses."""
     return os.environ.get(API_URL_VARIABLE, "").strip() or None
+
+
+def models_dir() -> Path:
+    """Where the champion model and the leaderboard live (FACEFLOW_MODELS_DIR, default ./models)."""
+    return Path(os.environ.get(MODELS_DIR_VARIABLE, "").strip() or "models").expanduser().absolute()
 
 
 def prefect_home() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger
@@ -16,6 +17,7 @@ from faceflow.config import DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.settings import models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
+from tasks.champion import ChampionRecord, append_leaderboard, decide, now_utc, read_champion
 from tasks.data import resolve_data_file
 from tasks.steps import fetch_faces, promote_champion, score_champion, split_faces
 
@@ -54,8 +56,6 @@ def faceflow_retrain(
     ] = 0.5,
 ) -> RetrainResult:
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
-    from tasks.champion import ChampionRecord, append_leaderboard, decide, now_utc, read_champion
-
     if config.data.validation_per_person < 1:
         raise ValueError("promotion compares validation log p: config.data.validation_per_person must be at least 1")
     scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
@@ -78,7 +78,7 @@ def faceflow_retrain(
     if decision.promote:
         record = ChampionRecord(
             run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
-            config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": config.output_dir.name})),
+            config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": Path(".")})),
             validation_log_prob=challenger.report.metrics["validation_log_prob"],
             heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at=now_utc(),
             metrics=challenger.report.metrics,

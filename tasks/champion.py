@@ -10,7 +10,6 @@ for the report, so the champion's held-out figure remains an honest estimate.
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import math
 import os
@@ -19,12 +18,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import joblib
-import numpy as np
-import torch
-
-from tasks.model import load_checkpoint, seeded
-from tasks.olivetti import IMAGE_SHAPE
 
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
 RECORD = "champion.json"
@@ -121,68 +114,3 @@ def append_leaderboard(models_dir: Path, row: dict[str, object]) -> list[dict[st
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def load_champion_model(models_dir: Path):
-    """(flow, fitted PCA) of the champion; a clear error when there is none."""
-    folder = champion_path(models_dir)
-    if not (folder / "model.pt").is_file():
-        raise ChampionError(f"no champion in {str(models_dir)!r} yet: run the retraining flow (weekly-retrain) first")
-    model, _ = load_checkpoint(folder / "model.pt")
-    pca = joblib.load(folder / "pca.joblib")
-    return model, pca
-
-
-def champion_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray:
-    """log p (nats per face, in the champion's PCA coordinates) of flattened 64x64 faces in [0, 1]."""
-    model, pca = load_champion_model(models_dir)
-    coords = pca.transform(np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)).astype(np.float32)
-    with torch.no_grad():
-        return model.log_prob(torch.from_numpy(coords)).double().numpy()
-
-
-def champion_samples(models_dir: Path, n: int, temperature: float, seed: int) -> np.ndarray:
-    """``n`` new faces (n, 64, 64) in [0, 1] drawn from the champion, no flow run needed."""
-    model, pca = load_champion_model(models_dir)
-    with seeded(seed), torch.no_grad():
-        model.q0.temperature = temperature
-        coords, _ = model.sample(n)
-    pixels = pca.inverse_transform(coords.double().numpy())
-    return np.clip(pixels, 0.0, 1.0).reshape(n, *IMAGE_SHAPE).astype(np.float32)
-
-
-def read_user_faces(path: Path) -> np.ndarray:
-    """Faces from a .npy file: (n, 64, 64) or (n, 4096), finite, in [0, 1]; every problem names the file."""
-    name = repr(str(path))
-    if not path.is_file():
-        raise ChampionError(f"faces file {name} does not exist or is not a file")
-    try:
-        faces = np.load(path, allow_pickle=False)  # data, never code
-    except (ValueError, OSError, EOFError) as error:
-        raise ChampionError(f"faces file {name} is not a readable .npy array ({error})") from None
-    if not np.issubdtype(faces.dtype, np.number) or np.issubdtype(faces.dtype, np.complexfloating):
-        raise ChampionError(f"faces file {name} holds {faces.dtype} values; expected real pixel values in [0, 1]")
-    if faces.ndim == 3 and faces.shape[1:] == IMAGE_SHAPE:
-        faces = faces.reshape(len(faces), -1)
-    if faces.ndim != 2 or faces.shape[1] != IMAGE_SHAPE[0] * IMAGE_SHAPE[1] or len(faces) == 0:
-        raise ChampionError(f"faces file {name} has shape {faces.shape}; expected (n, 64, 64) or (n, 4096) with n >= 1")
-    if not np.isfinite(faces).all():
-        raise ChampionError(f"faces file {name} holds {int((~np.isfinite(faces)).sum())} non-finite values (NaN or inf)")
-    if faces.min() < 0.0 or faces.max() > 1.0:
-        raise ChampionError(
-            f"faces file {name} has values from {faces.min():g} to {faces.max():g}; expected [0, 1], as faceflow's faces are"
-        )
-    return faces.astype(np.float64)
-
-
-def figure_path_bytes(images: np.ndarray) -> bytes:
-    """A montage of ``images`` as PNG bytes."""
-    from artifacts import figures
-
-    return figures.png_bytes(figures.sample_grid(images, np.full(len(images), np.nan), temperature=float("nan")))
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    path.write_bytes(buffer.getvalue())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -22,6 +23,7 @@ from faceflow.caching import KEYED_INPUTS
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, prefect_home
+from tasks.champion import ChampionRecord
 from tasks.results import (
     Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, NewPeople, RunReport, Scores, Split,
     TrainedFlow,
@@ -221,3 +223,21 @@ def report(
         content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people),
         run_folder, built.metrics,
     )
+
+
+@task(name="score_champion", cache_policy=NO_CACHE)
+def score_champion(models: Path, faces: Faces, split: Split) -> float:
+    """The champion's mean log p of this run's validation faces, through its own PCA."""
+    from tasks.champion_model import champion_log_prob
+
+    return float(champion_log_prob(models, faces.flat[split.validation]).mean())
+
+
+@task(name="promote_champion", cache_policy=NO_CACHE)
+def promote_champion(run_folder: Path, record: ChampionRecord, models: Path) -> Path:
+    """Make the challenger's model files the champion's, swapped in atomically."""
+    from tasks.champion import install_champion
+
+    installed = install_champion(run_folder, record, models)
+    publish_table("faceflow-champion", [record.to_json()], "The new champion")
+    return installed

@@ -11,12 +11,16 @@ from prefect.utilities.callables import parameter_schema
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_every_deployment_entrypoint_loads_the_pipeline() -> None:
+def test_every_deployment_entrypoint_loads_its_flow() -> None:
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    assert {d["name"] for d in spec["deployments"]} == {"on-demand", "weekly-retrain"}
-    for deployment in spec["deployments"]:
-        flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
-        assert flow.name == "faceflow"
+    flows = {d["name"]: load_flow_from_entrypoint(str(REPO_ROOT / d["entrypoint"])).name for d in spec["deployments"]}
+    assert flows == {"on-demand": "faceflow", "weekly-retrain": "faceflow-retrain"}
+
+
+def test_the_weekly_retraining_schedule_is_active() -> None:
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    weekly = next(d for d in spec["deployments"] if d["name"] == "weekly-retrain")
+    assert weekly["schedules"] == [{"cron": "0 3 * * 1", "timezone": "UTC", "active": True}]
 
 
 def test_flow_parameter_schema_has_every_section_with_descriptions() -> None:

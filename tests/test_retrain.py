@@ -1,0 +1,140 @@
+"""Retraining promotes a challenger exactly when its validation log p beats the champion's; the champion at work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from artifacts.tables import readable_rows
+from commands.runner import flush_to_api
+from commands.server import local_server
+from support import client, faceflow
+
+# First a champion, then a worse challenger (3 epochs), then a better one (many more epochs).
+EPOCHS = (40, 3, 250)
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.variables import Variable
+
+    from flows.retrain import CHAMPION_VARIABLE, RETRAIN_CONFIG, faceflow_retrain
+
+    root = tmp_path_factory.mktemp("retrain")
+    models = root / "models"
+    previous = os.environ.get("FACEFLOW_MODELS_DIR")
+    os.environ["FACEFLOW_MODELS_DIR"] = str(models)
+    try:
+        with local_server(root / "home", timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+            results, variables = [], []
+            for epochs in EPOCHS:
+                config = RETRAIN_CONFIG.model_copy(update={
+                    "output_dir": root / "outputs", "data": RETRAIN_CONFIG.data.model_copy(update={"data_file": data_file}),
+                    "train": RETRAIN_CONFIG.train.model_copy(update={"epochs": epochs}),
+                    "sample": RETRAIN_CONFIG.sample.model_copy(update={"n_samples": 4}),
+                })
+                results.append(faceflow_retrain(config=config, promotion_margin=0.5))
+                variables.append(Variable.get(CHAMPION_VARIABLE))
+            with client(server.api_url) as prefect:
+                leaderboard = prefect.read_latest_artifacts()
+            flush_to_api()  # the flows' last logs reach the server before it stops
+            yield {"results": results, "variables": variables, "models": models, "api_url": server.api_url,
+                   "artifacts": {artifact.key: artifact for artifact in leaderboard}}
+    finally:
+        if previous is None:
+            os.environ.pop("FACEFLOW_MODELS_DIR", None)
+        else:
+            os.environ["FACEFLOW_MODELS_DIR"] = previous
+
+
+def test_the_champion_changes_exactly_when_validation_improves(retrained: dict) -> None:
+    results = retrained["results"]
+    assert [r.promoted for r in results] == [True, False, True], [r.reason for r in results]
+    validation = [r.challenger["validation log p"] for r in results]
+    assert validation[1] < validation[0] < validation[2] - 0.5
+    assert results[0].reason == "first champion" and "not more than the 0.5-nat margin" in results[1].reason
+    assert results[1].champion == results[0].champion  # a rejected challenger leaves the champion untouched
+
+
+def test_the_variable_and_the_champion_folder_agree(retrained: dict) -> None:
+    from tasks.champion import champion_path, read_champion
+
+    models = retrained["models"]
+    record = read_champion(models)
+    assert record.to_json() == retrained["variables"][-1] == retrained["results"][-1].champion
+    assert retrained["variables"][0] == retrained["variables"][1]  # unchanged by the rejected challenger
+    folder = champion_path(models).resolve()
+    assert folder.name.startswith("champion-") and {p.name for p in folder.iterdir()} >= {
+        "model.pt", "pca.joblib", "split.json", "metrics.json", "champion.json"}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["validation_log_prob"] == pytest.approx(record.validation_log_prob)
+    assert (Path(record.run_folder) / "model.pt").read_bytes() == (folder / "model.pt").read_bytes()
+
+
+def test_the_leaderboard_lists_every_challenger(retrained: dict) -> None:
+    rows = json.loads(retrained["artifacts"]["faceflow-leaderboard"].data)
+    assert len(rows) == 3 and [row["promoted"] for row in rows] == [True, False, True][::-1]  # newest first
+    assert all(row["why"] and row["seed"] for row in rows) and len({row["seed"] for row in rows}) == 3
+    assert readable_rows(json.loads((retrained["models"] / "leaderboard.json").read_text())[::-1]) == rows
+
+
+def _run(*arguments: str, models: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"FACEFLOW_MODELS_DIR": str(models)}
+    return subprocess.run(faceflow(*arguments), env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_faceflow_champion_prints_it(retrained: dict, tmp_path: Path) -> None:
+    shown = _run("champion", "--json", models=retrained["models"], cwd=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout) == retrained["variables"][-1]
+
+
+def test_faceflow_sample_draws_from_the_champion(retrained: dict, tmp_path: Path) -> None:
+    drawn = _run("sample", "--n", "5", "--out", str(tmp_path / "out"), models=retrained["models"], cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    faces = np.load(tmp_path / "out" / "samples.npy")
+    assert faces.shape == (5, 64, 64) and 0.0 <= faces.min() and faces.max() <= 1.0
+    assert (tmp_path / "out" / "samples.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_faceflow_score_gives_log_p_of_your_faces(retrained: dict, tmp_path: Path, faces) -> None:
+    """Real faces score far higher than their photographic negatives, which PCA maps far from any face."""
+    real, negative = tmp_path / "real.npy", tmp_path / "negative.npy"
+    np.save(real, faces.images[:6])
+    np.save(negative, 1.0 - faces.images[:6].reshape(6, -1))
+    scored = [json.loads(_run("score", str(path), "--json", models=retrained["models"], cwd=tmp_path).stdout)
+              for path in (real, negative)]
+    assert len(scored[0]["log_prob"]) == 6 and scored[0]["mean"] > scored[1]["mean"] + 100, scored
+
+
+def _save(path: Path, array: np.ndarray, allow_pickle: bool = False) -> Path:
+    np.save(path, array, allow_pickle=allow_pickle)
+    return path
+
+
+BAD_FACES = {
+    "wrong shape": (lambda d: _save(d / "small.npy", np.zeros((3, 32, 32))), "shape (3, 32, 32)"),
+    "NaN": (lambda d: _save(d / "nan.npy", np.full((2, 64, 64), np.nan)), "non-finite"),
+    "out of range": (lambda d: _save(d / "bytes.npy", np.full((2, 4096), 200.0)), "expected [0, 1]"),
+    "not a file": (lambda d: d / "absent.npy", "does not exist"),
+    "a pickle": (lambda d: _save(d / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable"),
+    "text": (lambda d: (d / "notes.npy").write_text("faces") and d / "notes.npy", "not a readable"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FACES))
+def test_faceflow_score_refuses_bad_faces_naming_the_file(case: str, tmp_path: Path) -> None:
+    make, reason = BAD_FACES[case]
+    path = make(tmp_path)
+    refused = _run("score", str(path), models=tmp_path / "no-models", cwd=tmp_path)
+    assert refused.returncode == 2 and str(path) in refused.stderr and reason in refused.stderr, refused.stderr
+
+
+def test_without_a_champion_sample_says_how_to_get_one(tmp_path: Path) -> None:
+    missing = _run("sample", "--out", str(tmp_path / "out"), models=tmp_path / "empty", cwd=tmp_path)
+    assert missing.returncode == 1 and "no champion" in missing.stderr and "retrain" in missing.stderr
