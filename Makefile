@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT ?= false
 
-.PHONY: install system-packages run ui test bench clean
+.PHONY: install system-packages run ui test screenshots bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ system-packages:
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# docs/ui/*.png: the browser test's screenshots of a walk through the UI (docs/ui.md).
+screenshots: $(STAMP) system-packages
+	FACEFLOW_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest tests/test_ui_walk.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

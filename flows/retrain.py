@@ -44,7 +44,7 @@ def _leaderboard_row(scheduled: datetime.datetime, seed: int, result: PipelineRe
     return {
         "scheduled": scheduled.isoformat(timespec="seconds"), "seed": seed,
         "validation log p": metrics.get("validation_log_prob"), "held-out log p": metrics.get("heldout_log_prob"),
-        "run folder": str(result.report.folder) if result else None, "promoted": False, "why": error or "",
+        "promoted": False, "why": error or "", "run folder": str(result.report.folder) if result else None,
     }
 
 

@@ -110,8 +110,12 @@ class RunningUI:
         wait_for_text(self.output, f"faceflow UI: http://127.0.0.1:{self.port}", self.process, timeout=600)
 
     @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.url}/api"
 
     def ctrl_c(self) -> None:
         """SIGINT to the whole group; make then dies of the same signal, as it does in a terminal."""
@@ -129,9 +133,10 @@ def client(api_url: str) -> SyncPrefectClient:
         return get_client(sync_client=True)
 
 
-def run_deployment(api_url: str, name: str, parameters: dict) -> UUID:
+def run_deployment(api_url: str, name: str, parameters: dict, flow: str = "faceflow") -> UUID:
+    """A flow run of the deployment ``flow/name``, created through the API as the UI's Run button does."""
     with client(api_url) as prefect:
-        deployment = prefect.read_deployment_by_name(f"faceflow/{name}")
+        deployment = prefect.read_deployment_by_name(f"{flow}/{name}")
         return prefect.create_flow_run_from_deployment(deployment.id, parameters=parameters).id
 
 
