@@ -53,6 +53,7 @@ def run_metrics(
         "best_epoch": float(trained.best_epoch),
         "nonfinite_steps": float(trained.nonfinite_steps),
         "train_seconds": trained.seconds,
+        "resumed_from_epoch": float(trained.resumed_from_epoch),
         "steps_per_second": trained.steps / trained.seconds if trained.seconds else 0.0,
         "sample_nearest_distance_median": float(np.median(samples.nearest_train_distance)),
         "heldout_nearest_distance_median": float(np.median(samples.heldout_nearest_train_distance)),

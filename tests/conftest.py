@@ -48,3 +48,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import shutil
 
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def migrated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PREFECT_HOME whose database is created and migrated once: a copy spares a test the ~10 s first start.
+
+    Tests of first use itself start from an empty home instead.
+    """
+    import shutil
+
+    from commands.server import LOG_FOLDER, local_server
+
+    home = tmp_path_factory.mktemp("migrated-prefect-home")
+    with local_server(home, timeout=300):
+        pass
+    shutil.rmtree(home / LOG_FOLDER, ignore_errors=True)
+    return home
+
+
+def copy_home(template: Path, destination: Path) -> Path:
+    import shutil
+
+    shutil.copytree(template, destination)
+    return destination
+
+
+@pytest.fixture
+def prefect_home(tmp_path: Path, migrated_home: Path) -> Path:
+    """This test's own PREFECT_HOME, its database already migrated."""
+    return copy_home(migrated_home, tmp_path / "home")

@@ -98,9 +98,9 @@ def flow_run_states(api_url: str) -> dict[UUID, str]:
 class RunningUI:
     """`make ui` in its own process group, as a terminal runs it; its output in a file."""
 
-    def __init__(self, tmp_path: Path, tag: str, data_file: Path, **env: str) -> None:
+    def __init__(self, tmp_path: Path, tag: str, data_file: Path, home: Path, **env: str) -> None:
         self.port = free_port()
-        self.home = tmp_path / "home"
+        self.home = home
         self.output = tmp_path / "make-ui.txt"
         self.env = tagged_env(tag, self.home, FACEFLOW_DATA_FILE=str(data_file), **env)
         self.process = subprocess.Popen(

@@ -16,6 +16,7 @@ import scipy.io
 
 from commands.cli import config_fields, option_name
 from commands.server import local_server
+from conftest import copy_home
 from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env
 
 
@@ -132,10 +133,10 @@ def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def api_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def api_url(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> str:
     from commands.runner import flush_to_api
 
-    with local_server(tmp_path_factory.mktemp("flow-validation"), timeout=300) as server:
+    with local_server(copy_home(migrated_home, tmp_path_factory.mktemp("flow-validation") / "home"), timeout=300) as server:
         yield server.api_url
         flush_to_api()  # the flows' last logs reach the server before it stops
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from artifacts.run_folder import run_folder_problems
+from conftest import copy_home
 from commands.server import local_server
 from tasks.model import load_checkpoint
 
@@ -33,8 +34,8 @@ QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with local_server(tmp_path_factory.mktemp("prefect-server"), timeout=300, ui=True) as running:
+def server(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> str:
+    with local_server(copy_home(migrated_home, tmp_path_factory.mktemp("prefect-server") / "home"), timeout=300, ui=True) as running:
         yield running.api_url
 
 

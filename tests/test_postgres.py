@@ -77,7 +77,7 @@ def cluster() -> Iterator[Cluster]:
 def test_make_ui_runs_a_deployment_on_postgresql(tmp_path: Path, data_file: Path, cluster: Cluster) -> None:
     tag = new_tag()
     try:
-        ui = RunningUI(tmp_path, tag, data_file, PREFECT_API_DATABASE_CONNECTION_URL=cluster.url)
+        ui = RunningUI(tmp_path, tag, data_file, tmp_path / "home", PREFECT_API_DATABASE_CONNECTION_URL=cluster.url)
         config = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "output_dir": str(tmp_path / "outputs")}
         flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": config})
         assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"

@@ -13,6 +13,7 @@ import pytest
 from artifacts.tables import readable_rows
 from commands.runner import flush_to_api
 from commands.server import local_server
+from conftest import copy_home
 from support import client, faceflow
 
 # First a champion, then a worse challenger (3 epochs), then a better one (many more epochs).
@@ -20,7 +21,7 @@ EPOCHS = (40, 3, 250)
 
 
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict:
+def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrated_home: Path) -> dict:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.variables import Variable
 
@@ -31,7 +32,8 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict
     previous = os.environ.get("FACEFLOW_MODELS_DIR")
     os.environ["FACEFLOW_MODELS_DIR"] = str(models)
     try:
-        with local_server(root / "home", timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+        home = copy_home(migrated_home, root / "home")
+        with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
             results, variables = [], []
             for epochs in EPOCHS:
                 config = RETRAIN_CONFIG.model_copy(update={

@@ -32,12 +32,14 @@ def tag() -> str:
     kill_tagged(tag)
 
 
-def start_run(tmp_path: Path, tag: str, data_file: Path, *arguments: str, **env: str) -> tuple[subprocess.Popen, Path]:
+def start_run(
+    tmp_path: Path, home: Path, tag: str, data_file: Path, *arguments: str, **env: str
+) -> tuple[subprocess.Popen, Path]:
     """`faceflow run` in the background; stdout is a pipe (as `out=$(faceflow run)` has), stderr a file."""
     stderr = tmp_path / "stderr.txt"
     process = subprocess.Popen(
         faceflow("run", "--output-dir", str(tmp_path / "outputs"), *arguments),
-        env=tagged_env(tag, tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file), **env),
+        env=tagged_env(tag, home, FACEFLOW_DATA_FILE=str(data_file), **env),
         cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr.open("wb"),
         start_new_session=True,  # its own process group, as a shell gives a foreground command
     )
@@ -62,9 +64,9 @@ def kill_term(process: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize(("stop", "exit_code"), [(kill_term, 128 + signal.SIGTERM), (ctrl_c, 130)])
 def test_a_signal_during_training_ends_the_run_crashed_and_leaves_nothing(
-    tmp_path: Path, tag: str, data_file: Path, stop: Callable[[subprocess.Popen], None], exit_code: int
+    tmp_path: Path, prefect_home: Path, tag: str, data_file: Path, stop: Callable[[subprocess.Popen], None], exit_code: int
 ) -> None:
-    process, stderr = start_run(tmp_path, tag, data_file, *LONG_TRAINING)
+    process, stderr = start_run(tmp_path, prefect_home, tag, data_file, *LONG_TRAINING)
     wait_for_text(stderr, "train_realnvp", process, timeout=300)
     running = tagged_processes(tag)
     assert len(running) == 2, describe(running)  # the command and the server it started
@@ -75,20 +77,22 @@ def test_a_signal_during_training_ends_the_run_crashed_and_leaves_nothing(
     assert_no_process_left(tag)
     outputs = tmp_path / "outputs"
     assert not outputs.exists() or not any(outputs.iterdir())  # nothing half-written
-    assert recorded_states(tmp_path / "home") == ["Crashed"], stderr.read_text()[-3000:]
+    assert recorded_states(prefect_home) == ["Crashed"], stderr.read_text()[-3000:]
 
 
-def test_sigkill_leaves_no_server(tmp_path: Path, tag: str, data_file: Path) -> None:
+def test_sigkill_leaves_no_server(tmp_path: Path, prefect_home: Path, tag: str, data_file: Path) -> None:
     """No cleanup code runs after SIGKILL: the kernel stops the server the command started."""
-    process, stderr = start_run(tmp_path, tag, data_file, *LONG_TRAINING)
+    process, stderr = start_run(tmp_path, prefect_home, tag, data_file, *LONG_TRAINING)
     wait_for_text(stderr, "train_realnvp", process, timeout=300)
     process.kill()
     process.communicate(timeout=60)
     assert_no_process_left(tag)
 
 
-def test_a_server_that_does_not_start_in_time_is_reported_and_stopped(tmp_path: Path, tag: str, data_file: Path) -> None:
-    process, stderr = start_run(tmp_path, tag, data_file, FACEFLOW_SERVER_START_TIMEOUT="0.2")
+def test_a_server_that_does_not_start_in_time_is_reported_and_stopped(
+    tmp_path: Path, prefect_home: Path, tag: str, data_file: Path
+) -> None:
+    process, stderr = start_run(tmp_path, prefect_home, tag, data_file, FACEFLOW_SERVER_START_TIMEOUT="0.2")
     stdout, _ = process.communicate(timeout=120)
     message = stderr.read_text()
     assert process.returncode == 1 and stdout == b""
@@ -97,7 +101,7 @@ def test_a_server_that_does_not_start_in_time_is_reported_and_stopped(tmp_path: 
 
 
 def test_a_bad_timeout_setting_is_refused_before_anything_starts(tmp_path: Path, tag: str, data_file: Path) -> None:
-    process, stderr = start_run(tmp_path, tag, data_file, FACEFLOW_SERVER_START_TIMEOUT="soon")
+    process, stderr = start_run(tmp_path, tmp_path / "home", tag, data_file, FACEFLOW_SERVER_START_TIMEOUT="soon")
     process.communicate(timeout=60)
     assert process.returncode == 2
     assert "FACEFLOW_SERVER_START_TIMEOUT='soon'" in stderr.read_text()
@@ -109,7 +113,9 @@ def test_a_run_succeeds_with_both_cores_busy(tmp_path: Path, tag: str, data_file
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], env=tagged_env(tag, tmp_path)) for _ in range(2)]
     try:
         started = time.monotonic()
-        process, stderr = start_run(tmp_path, tag, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "3", "--json")
+        process, stderr = start_run(
+            tmp_path, tmp_path / "home", tag, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "3", "--json"
+        )
         stdout, _ = process.communicate(timeout=900)
         assert process.returncode == 0, stderr.read_text()[-3000:]
         assert "report" in stdout.decode().splitlines()[-1], f"took {time.monotonic() - started:.0f} s"

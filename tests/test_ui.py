@@ -25,8 +25,10 @@ def tag() -> str:
     kill_tagged(tag)
 
 
-def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(tmp_path: Path, tag: str, data_file: Path) -> None:
-    ui = RunningUI(tmp_path, tag, data_file)
+def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
+    tmp_path: Path, tag: str, data_file: Path, prefect_home: Path
+) -> None:
+    ui = RunningUI(tmp_path, tag, data_file, prefect_home)
     assert is_healthy(ui.api_url)
     with client(ui.api_url) as prefect:
         assert sorted(d.name for d in prefect.read_deployments()) == ["on-demand", "weekly-retrain"]
@@ -60,8 +62,8 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(tmp_p
         assert prefect.read_flow_run(long_run).state.name in {"Crashed", "Cancelled"}
 
 
-def test_a_second_make_ui_for_the_same_home_is_refused(tmp_path: Path, tag: str, data_file: Path) -> None:
-    ui = RunningUI(tmp_path, tag, data_file)
+def test_a_second_make_ui_for_the_same_home_is_refused(tmp_path: Path, tag: str, data_file: Path, prefect_home: Path) -> None:
+    ui = RunningUI(tmp_path, tag, data_file, prefect_home)
     second = subprocess.run(
         faceflow("ui", "--port", str(free_port())), env=ui.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )

@@ -84,10 +84,10 @@ def run_from_form(ui: RunningUI, page, shots: Path, outputs: Path) -> UUID:
 
 
 @pytest.fixture
-def ui(tmp_path: Path, data_file: Path) -> Iterator[RunningUI]:
+def ui(tmp_path: Path, data_file: Path, prefect_home: Path) -> Iterator[RunningUI]:
     tag = new_tag()
     try:
-        running = RunningUI(tmp_path, tag, data_file, FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
+        running = RunningUI(tmp_path, tag, data_file, prefect_home, FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
         yield running
         running.ctrl_c()
         assert_no_process_left(tag)
