@@ -288,6 +288,54 @@ def score(
 app.command("score")(score)
 
 
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="A YAML or JSON sweep spec: base, grid and/or random (docs/sweeps.md).")],
+    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler, tcp://host:8786; default: a LocalCluster.")] = None,
+    workers: Annotated[int, typer.Option(help="LocalCluster worker processes (1 thread each).", min=1, max=256)] = os.cpu_count() or 1,
+    promote: Annotated[bool, typer.Option(help="Offer the best configuration to the champion (validation log p).")] = False,
+    margin: Annotated[float, typer.Option(help="Nats of validation log p a promotion needs.", min=0.0)] = 0.5,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+) -> None:
+    """Train and score many configurations on Dask; print them ranked by validation log p."""
+    from faceflow.sweeps import SpecError, expand, read_spec
+
+    try:
+        parsed = read_spec(spec)
+        configurations = expand(parsed)
+        start_timeout = server_start_timeout()
+    except (SpecError, SettingError) as error:
+        typer.echo(f"faceflow sweep refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"sweep of {len(configurations)} configurations on {dask_address or f'a LocalCluster of {workers} workers'}", err=True)
+    try:
+        with api_server(prefect_home()) as server:
+            os.environ[API_URL_VARIABLE] = server.api_url
+            from commands.runner import run_sweep
+
+            server.wait_until_ready(start_timeout)
+            summary = run_sweep(parsed, server.api_url, dask_address, workers, promote, margin)
+    except ServerError as error:
+        typer.echo(f"faceflow sweep failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        typer.echo("faceflow sweep interrupted; the cluster and the server it started are stopped", err=True)
+        raise typer.Exit(code=130) from None
+    except Exception as error:
+        typer.echo(f"faceflow sweep failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    if json_output:
+        typer.echo(json.dumps(summary, allow_nan=False, default=str))
+        return
+    for row in summary["rows"]:
+        outcome = row["error"] or f"validation {row['validation log p']:.2f}, held-out {row['held-out log p']:.2f}"
+        typer.echo(f"{row['rank']:>3}. configuration {row['configuration']} ({row['values']}): {outcome}")
+    if summary["promotion"]:
+        typer.echo(f"promotion: {summary['promotion']['reason']}")
+
+
+app.command("sweep")(sweep)
+
+
 def _refuse_unwritable(folder: Path) -> None:
     try:
         check_output_folder(folder, required_free_bytes=1 << 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Any
@@ -13,6 +14,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 
 from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
+from faceflow.sweeps import SweepSpec
 from flows.pipeline import faceflow_pipeline
 
 
@@ -51,4 +53,26 @@ def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:
         "metrics": {name: json_safe(value) for name, value in result.report.metrics.items()},
         "tasks": result.task_states,
         "repaired": list(result.repairs),
+    }
+
+
+def run_sweep(
+    spec: SweepSpec, api_url: str, dask_address: str | None, workers: int, promote: bool, margin: float
+) -> dict[str, Any]:
+    """Run the sweep flow once on Dask, recorded by the server at ``api_url``; raise if it fails."""
+    from flows.sweep import faces_sweep, sweep_task_runner  # Dask loads only for a sweep
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            state = faces_sweep.with_options(task_runner=sweep_task_runner(dask_address, workers))(
+                spec=spec, promote=promote, promotion_margin=margin, return_state=True
+            )
+        finally:
+            flush_to_api()
+    result = state.result()
+    return {
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "rows": [{k: json_safe(v) for k, v in row.items()} for row in result.rows],
+        "executions": result.executions,
+        "promotion": dataclasses.asdict(result.promotion) if result.promotion else None,
     }

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.results import get_result_store
 
 from faceflow.keys import content_key, project_source_digest
 from faceflow.settings import prefect_home
@@ -30,7 +32,22 @@ class KeyedInputs(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        return f"{task_ctx.task.name}-" + content_key(project_source_digest(), inputs)
+        return cache_key(task_ctx.task.name, inputs)
+
+
+def cache_key(task_name: str, inputs: dict[str, Any]) -> str:
+    """The key a faceflow task's result is cached under, from its name and its inputs by parameter name."""
+    return f"{task_name}-" + content_key(project_source_digest(), inputs)
+
+
+def is_cached(task: Task, **inputs: Any) -> bool:
+    """Whether ``task`` called with ``inputs`` would be served from the cache (a result is stored under its key).
+
+    Lets a flow run a cached step where it is, instead of shipping it to a cluster that would
+    only start to read a stored result. The task's own result store: a flow's keeps its metadata
+    elsewhere and would not find a task's result.
+    """
+    return get_result_store().update_for_task(task).exists(cache_key(task.name, inputs))
 
 
 class ProcessLockManager(FileSystemLockManager):

@@ -39,10 +39,10 @@ def seed_for(scheduled: datetime.datetime) -> int:
     return int(scheduled.timestamp())
 
 
-def _leaderboard_row(scheduled: datetime.datetime, seed: int, result: PipelineResult | None, error: str | None) -> dict:
+def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, error: str | None) -> dict:
     metrics = result.report.metrics if result else {}
     return {
-        "scheduled": scheduled.isoformat(timespec="seconds"), "seed": seed,
+        "time": now_utc(), "challenger": source, "seed": seed,
         "validation log p": metrics.get("validation_log_prob"), "held-out log p": metrics.get("heldout_log_prob"),
         "promoted": False, "why": error or "", "run folder": str(result.report.folder) if result else None,
     }
@@ -56,25 +56,33 @@ def faceflow_retrain(
     ] = 0.5,
 ) -> RetrainResult:
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
+    scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
+    return challenge(config, promotion_margin, seed_for(scheduled), source=f"scheduled {scheduled.isoformat(timespec='seconds')}")
+
+
+def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> RetrainResult:
+    """Run the pipeline for ``config`` with ``seed`` as a challenger; promote it if it beats the champion on validation.
+
+    The champion is re-scored on this run's validation faces, the very faces the challenger is
+    judged on; held-out faces decide nothing. Every challenger gets a leaderboard row.
+    """
     if config.data.validation_per_person < 1:
         raise ValueError("promotion compares validation log p: config.data.validation_per_person must be at least 1")
-    scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
-    seed = seed_for(scheduled)
     models = models_dir()
     state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
     if state.is_failed() or state.is_crashed():
-        row = _leaderboard_row(scheduled, seed, None, f"challenger failed: {state.message}")
+        row = _leaderboard_row(source, seed, None, f"challenger failed: {state.message}")
         _publish_leaderboard(append_leaderboard(models, row), row["why"])
-        state.result()  # raises: a failed challenger fails the retraining run
+        state.result()  # raises: a failed challenger fails the run that offered it
     challenger: PipelineResult = state.result()
-    row = _leaderboard_row(scheduled, seed, challenger, None)
+    row = _leaderboard_row(source, seed, challenger, None)
 
     champion = read_champion(models)
     champion_validation = None
-    if champion is not None:  # re-scored on this run's validation faces, the faces the challenger was judged on
+    if champion is not None:
         faces = fetch_faces(resolve_data_file(config.data))
         champion_validation = score_champion(models, faces, split_faces(faces, config.data))
-    decision = decide(challenger.report.metrics["validation_log_prob"], champion_validation, promotion_margin)
+    decision = decide(challenger.report.metrics["validation_log_prob"], champion_validation, margin)
     if decision.promote:
         record = ChampionRecord(
             run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,

@@ -217,6 +217,16 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class ModelScore:
+    """A trained model's mean log p of the validation and held-out faces, in nats per face."""
+
+    key: str
+    validation_log_prob: float
+    heldout_log_prob: float
+    train_seconds: float
+
+
+@dataclass(frozen=True)
 class RunReport:
     key: str
     folder: Path

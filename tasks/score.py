@@ -10,7 +10,7 @@ import torch
 
 from faceflow.keys import content_key
 from tasks.model import trained_model
-from tasks.results import Faces, FittedPCA, GeneratedFaces, Scores, Split, TrainedFlow
+from tasks.results import Faces, FittedPCA, GeneratedFaces, ModelScore, Scores, Split, TrainedFlow
 
 
 def bits_per_dim(log_prob: float, dim: int) -> float:
@@ -41,4 +41,21 @@ def score_faces(
         person=np.concatenate([faces.target[real], np.full(len(samples.coords), -1)]),
         log_prob=np.concatenate([flow_log_prob(model, pca.coords[real]), flow_log_prob(model, samples.coords)]),
         dim=pca.n_components,
+    )
+
+
+def _mean(values: np.ndarray) -> float:
+    if not len(values):
+        return math.nan
+    return float(values.mean()) if np.isfinite(values).all() else -math.inf
+
+
+def model_score(trained: TrainedFlow, pca: FittedPCA, split: Split) -> ModelScore:
+    """A model's validation and held-out log p: what a sweep ranks (validation) and reports beside it."""
+    model = trained_model(trained)
+    return ModelScore(
+        key=content_key("model-score", trained, pca, split),
+        validation_log_prob=_mean(flow_log_prob(model, pca.coords[split.validation])),
+        heldout_log_prob=_mean(flow_log_prob(model, pca.coords[split.heldout])),
+        train_seconds=trained.seconds,
     )

@@ -25,8 +25,8 @@ from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, prefect_home
 from tasks.champion import ChampionRecord
 from tasks.results import (
-    Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, NewPeople, RunReport, Scores, Split,
-    TrainedFlow,
+    Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, RunReport, Scores,
+    Split, TrainedFlow,
 )
 
 STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
@@ -191,6 +191,14 @@ def score_log_prob(trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Sp
         for part in ("fit", "validation", "heldout", "sample") if len(values := scores.of(part))
     ], "log p per part (nats per face); every face's score is in the run folder's scores.csv")
     return scores
+
+
+@task(name="score_model", **STEP)
+def score_model(trained: TrainedFlow, pca: FittedPCA, split: Split) -> ModelScore:
+    """A trained model's validation and held-out log p, for a sweep's ranking."""
+    from tasks.score import model_score
+
+    return model_score(trained, pca, split)
 
 
 @task(name="interpolate_faces", **STEP)
