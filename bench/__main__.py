@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import flow_runs, quality, training_speed
+from bench import flow_runs, quality, sweeps, training_speed
 from faceflow.config import FaceflowConfig
 from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
@@ -36,6 +36,10 @@ TARGETS = [
     ("identical re-run as a new process, no server running / cold run", "rerun_process_seconds", "cold_wall_seconds", "<=", 0.30),
     ("identical re-run as a new process beside faceflow ui / cold run", "rerun_beside_ui_seconds", "cold_wall_seconds", "<=", 0.15),
     ("processes left after 20 runs (success, bad input, SIGTERM, SIGINT)", "orphans", None, "<=", 0),
+    ("4-config sweep on a 2-worker LocalCluster / the same 4 one after another", "sweep_dask_seconds",
+     "sweep_sequential_seconds", "<=", 0.6),
+    ("executions of fetch, split, PCA, dataloader in one sweep (the most of any)", "sweep_upstream_executions", None, "<=", 1),
+    ("identical second sweep / first", "sweep_repeated_seconds", "sweep_dask_seconds", "<=", 0.15),
     ("cold run peak RSS (GB), server included", "cold_peak_rss_gb", None, "<=", 1.0),
     ("first-use cold run peak RSS (GB), server included", "cold_first_use_peak_rss_gb", None, "<=", 1.0),
 ]
@@ -126,6 +130,8 @@ def main() -> None:
         rerun_beside_ui = best_of(flow_runs.reruns_beside_ui(workdirs[0], data_file, REPEATS))
         print("20 runs ended by success, bad input, SIGTERM and SIGINT; processes left ...", flush=True)
         orphans = flow_runs.orphans_after_runs(workdirs[1], data_file)
+        print("sweep of 4 configurations: one after another, on 2 Dask workers, and that sweep again ...", flush=True)
+        swept = sweeps.sweep_timings(migrated, Path(scratch), data_file)
 
     figures = {
         "lab_wall_seconds": lab["wall_seconds"], "lab_train_seconds": lab["train_seconds"],
@@ -143,10 +149,17 @@ def main() -> None:
         "rerun_process_seconds": rerun_process["wall_seconds"],
         "rerun_beside_ui_seconds": rerun_beside_ui["wall_seconds"],
         "orphans": orphans["orphans"],
+        "sweep_sequential_seconds": swept["sequential"]["seconds"],
+        "sweep_dask_seconds": swept["dask"]["seconds"],
+        "sweep_repeated_seconds": swept["repeated"]["seconds"],
+        "sweep_upstream_executions": max(
+            sum(swept["dask"]["executions"][task].values()) for task in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")
+        ),
     }
     report |= {"figures": figures, "targets": check_targets(figures), "lab": lab, "speed": speed,
                "cold": cold, "cold_first_use": cold_first_use, "reruns": reruns,
-               "rerun_process": rerun_process, "rerun_beside_ui": rerun_beside_ui, "orphan_check": orphans}
+               "rerun_process": rerun_process, "rerun_beside_ui": rerun_beside_ui, "orphan_check": orphans,
+               "sweeps": swept}
     print_table("measurements", [{"figure": k, "value": v} for k, v in figures.items()])
     print_table("targets", report["targets"])
     print_table("task states of the re-runs", [
