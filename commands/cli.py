@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
+from typing import Annotated, Any, Callable, Iterator, Literal, get_args, get_origin
 
 import numpy as np
 import typer
@@ -99,14 +99,28 @@ def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
         raise typer.Exit(code=2) from None
 
 
-def _run_on_a_server(config: FaceflowConfig, start_timeout: float) -> dict[str, Any]:
-    """The flow on the server this PREFECT_HOME uses, started here (and stopped) if none is up."""
-    with api_server(prefect_home()) as server:
-        os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, just below
-        from commands.runner import run_pipeline  # torch, scikit-learn, Prefect: seconds that overlap the server's start
+def _on_a_server(
+    command: str, start_timeout: float, load: Callable[[], Callable[[str], dict[str, Any]]], stopped: str
+) -> dict[str, Any]:
+    """Run the work ``load()`` returns with the API URL of the server this PREFECT_HOME uses,
+    started here (and stopped on the way out) if none is up.
 
-        server.wait_until_ready(start_timeout)
-        return run_pipeline(config, server.api_url)
+    ``load`` imports the work's modules (torch, scikit-learn, Prefect): seconds that overlap the
+    server's start. Every failure ends the command with one line on stderr: status 1, or 130 on
+    Ctrl-C, where ``stopped`` says what was stopped on the way out.
+    """
+    try:
+        with api_server(prefect_home()) as server:
+            os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, in load()
+            work = load()
+            server.wait_until_ready(start_timeout)
+            return work(server.api_url)
+    except KeyboardInterrupt:
+        typer.echo(f"faceflow {command} interrupted; {stopped}", err=True)
+        raise typer.Exit(code=130) from None
+    except Exception as error:  # ServerError, or a flow failure the flow already logged with its traceback
+        typer.echo(f"faceflow {command} failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _refuse_bad_input(config: FaceflowConfig) -> float:
@@ -130,17 +144,15 @@ def run(**options: Any) -> None:
     as_json = options.pop("json_output")
     config = _validated_config(options)
     start_timeout = _refuse_bad_input(config)
-    try:
-        summary = _run_on_a_server(config, start_timeout)
-    except ServerError as error:
-        typer.echo(f"faceflow run failed: {error}", err=True)
-        raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
-        typer.echo("faceflow run interrupted; the flow run is marked Crashed and the server it started is stopped", err=True)
-        raise typer.Exit(code=130) from None
-    except Exception as error:  # the flow already logged the traceback
-        typer.echo(f"faceflow run failed: {error}", err=True)
-        raise typer.Exit(code=1) from None
+
+    def load_pipeline() -> Callable[[str], dict[str, Any]]:
+        from commands.runner import run_pipeline
+
+        return lambda api_url: run_pipeline(config, api_url)
+
+    summary = _on_a_server(
+        "run", start_timeout, load_pipeline, "the flow run is marked Crashed and the server it started is stopped"
+    )
     if as_json:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
     else:
@@ -307,22 +319,13 @@ def sweep(
         typer.echo(f"faceflow sweep refused: {error}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(f"sweep of {len(configurations)} configurations on {dask_address or f'a LocalCluster of {workers} workers'}", err=True)
-    try:
-        with api_server(prefect_home()) as server:
-            os.environ[API_URL_VARIABLE] = server.api_url
-            from commands.runner import run_sweep
 
-            server.wait_until_ready(start_timeout)
-            summary = run_sweep(parsed, server.api_url, dask_address, workers, promote, margin)
-    except ServerError as error:
-        typer.echo(f"faceflow sweep failed: {error}", err=True)
-        raise typer.Exit(code=1) from None
-    except KeyboardInterrupt:
-        typer.echo("faceflow sweep interrupted; the cluster and the server it started are stopped", err=True)
-        raise typer.Exit(code=130) from None
-    except Exception as error:
-        typer.echo(f"faceflow sweep failed: {error}", err=True)
-        raise typer.Exit(code=1) from None
+    def load_sweep() -> Callable[[str], dict[str, Any]]:
+        from commands.runner import run_sweep
+
+        return lambda api_url: run_sweep(parsed, api_url, dask_address, workers, promote, margin)
+
+    summary = _on_a_server("sweep", start_timeout, load_sweep, "the cluster and the server it started are stopped")
     if json_output:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
         return

@@ -78,3 +78,13 @@ def copy_home(template: Path, destination: Path) -> Path:
 def prefect_home(tmp_path: Path, migrated_home: Path) -> Path:
     """This test's own PREFECT_HOME, its database already migrated."""
     return copy_home(migrated_home, tmp_path / "home")
+
+
+@pytest.fixture
+def tag() -> str:
+    """A tag this test's processes carry in their environment; whatever still has it at the end is killed."""
+    from support import kill_tagged, new_tag
+
+    tag = new_tag()
+    yield tag
+    kill_tagged(tag)

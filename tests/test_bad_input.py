@@ -17,7 +17,7 @@ import scipy.io
 from commands.cli import config_fields, option_name
 from commands.server import local_server
 from conftest import copy_home
-from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env
+from support import assert_no_process_left, faceflow, tagged_env
 
 
 def _mat(path: Path, **variables: np.ndarray) -> Path:
@@ -113,23 +113,19 @@ def test_the_table_has_at_least_twenty_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path: Path, data_file: Path) -> None:
+def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path: Path, data_file: Path, tag: str) -> None:
     values, named = all_cases(tmp_path, data_file)[case]
     outputs = tmp_path / "outputs"
     arguments = cli_arguments(values) + ([] if "output_dir" in values else ["--output-dir", str(outputs)])
-    tag = new_tag()
-    try:
-        result = subprocess.run(
-            faceflow("run", *arguments), env=tagged_env(tag, tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file)),
-            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert named in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) <= 3  # one problem, said once
-        assert not outputs.exists() and not (tmp_path / "home").exists()  # no output, no server, no database
-        assert_no_process_left(tag, within=5)
-    finally:
-        kill_tagged(tag)
+    result = subprocess.run(
+        faceflow("run", *arguments), env=tagged_env(tag, tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file)),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # one problem, said once
+    assert not outputs.exists() and not (tmp_path / "home").exists()  # no output, no server, no database
+    assert_no_process_left(tag, within=5)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 from artifacts.run_folder import OutputFolderError, write_run_folder
 from commands.server import local_server
 from conftest import copy_home
-from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env, wait_for_text
+from support import assert_no_process_left, faceflow, new_tag, tagged_env, wait_for_text
 from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 
@@ -161,51 +161,43 @@ def test_a_stalled_download_times_out(tmp_path: Path, monkeypatch: pytest.Monkey
         assert time.monotonic() - started < 10
 
 
-def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: Path) -> None:
-    tag = new_tag()
-    try:
-        with stalling_proxy() as proxy:
-            # Only the download goes through the stalled proxy; Prefect's own connections stay local.
-            env = tagged_env(tag, prefect_home, SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy, https_proxy=proxy,
-                             NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-            env.pop("FACEFLOW_DATA_FILE", None)
-            stderr = tmp_path / "stderr.txt"
-            process = subprocess.Popen(
-                faceflow("run", "--output-dir", str(tmp_path / "outputs")), env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=stderr.open("wb"),
-            )
-            wait_for_text(stderr, "Beginning flow run", process, timeout=300)
-            time.sleep(2)  # inside fetch_faces, waiting on the proxy (the default read timeout is 30 s)
-            sent = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            process.communicate(timeout=60)
-            assert process.returncode == 128 + signal.SIGTERM
-            assert time.monotonic() - sent < 15
-        assert_no_process_left(tag)
-    finally:
-        kill_tagged(tag)
+def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: Path, tag: str) -> None:
+    with stalling_proxy() as proxy:
+        # Only the download goes through the stalled proxy; Prefect's own connections stay local.
+        env = tagged_env(tag, prefect_home, SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy, https_proxy=proxy,
+                         NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        env.pop("FACEFLOW_DATA_FILE", None)
+        stderr = tmp_path / "stderr.txt"
+        process = subprocess.Popen(
+            faceflow("run", "--output-dir", str(tmp_path / "outputs")), env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=stderr.open("wb"),
+        )
+        wait_for_text(stderr, "Beginning flow run", process, timeout=300)
+        time.sleep(2)  # inside fetch_faces, waiting on the proxy (the default read timeout is 30 s)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM
+        assert time.monotonic() - sent < 15
+    assert_no_process_left(tag)
 
 
-def test_two_identical_concurrent_runs_compute_each_task_once(tmp_path: Path, data_file: Path, prefect_home: Path) -> None:
+def test_two_identical_concurrent_runs_compute_each_task_once(tmp_path: Path, data_file: Path, prefect_home: Path, tag: str) -> None:
     """Prefect's serializable cache isolation: the second run waits for the first and reads its results."""
-    tag = new_tag()
     arguments = ["run", "--json", "--epochs", "300", "--n-samples", "4", "--steps", "3", "--output-dir", str(tmp_path / "out")]
-    try:
-        with local_server(prefect_home, timeout=300) as server:
-            env = tagged_env(tag, prefect_home, FACEFLOW_DATA_FILE=str(data_file), PREFECT_API_URL=server.api_url)
-            runs = [subprocess.Popen(faceflow(*arguments), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-                    for _ in range(2)]
-            outputs = [run.communicate(timeout=900)[0] for run in runs]
-        assert [run.returncode for run in runs] == [0, 0]
-        first, second = (json.loads(out.decode().splitlines()[-1]) for out in outputs)
-        assert first["output_dir"] == second["output_dir"] and first["metrics"] == second["metrics"]
-        for task, state in first["tasks"].items():
-            assert {state, second["tasks"][task]} == {"Completed", "Cached"}, (task, state, second["tasks"][task])
-    finally:
-        kill_tagged(tag)
+    with local_server(prefect_home, timeout=300) as server:
+        env = tagged_env(tag, prefect_home, FACEFLOW_DATA_FILE=str(data_file), PREFECT_API_URL=server.api_url)
+        runs = [subprocess.Popen(faceflow(*arguments), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                for _ in range(2)]
+        outputs = [run.communicate(timeout=900)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    first, second = (json.loads(out.decode().splitlines()[-1]) for out in outputs)
+    assert first["output_dir"] == second["output_dir"] and first["metrics"] == second["metrics"]
+    for task, state in first["tasks"].items():
+        assert {state, second["tasks"][task]} == {"Completed", "Cached"}, (task, state, second["tasks"][task])
 
 
-def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path, data_file: Path, migrated_home: Path) -> None:
+def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path, data_file: Path, migrated_home: Path, tag: str) -> None:
     """SIGKILL mid-training, run again: training resumes from its last checkpoint and ends bit-identical.
 
     The reference is an uninterrupted run of the same configuration in another PREFECT_HOME.
@@ -217,37 +209,33 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Pa
         return tagged_env(tag, copy_home(migrated_home, tmp_path / home), FACEFLOW_DATA_FILE=str(data_file),
                           FACEFLOW_CHECKPOINT_SECONDS="0.2")
 
-    tag = new_tag()
-    try:
-        reference = subprocess.run(faceflow(*arguments, "--output-dir", str(tmp_path / "reference")), env=env("home-a"),
-                                   capture_output=True, text=True, timeout=600)
-        assert reference.returncode == 0, reference.stderr[-3000:]
-        killed_env, stderr = env("home-b"), tmp_path / "stderr.txt"
-        killed = subprocess.Popen(faceflow(*arguments, "--output-dir", str(tmp_path / "resumed")), env=killed_env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
-        checkpoints = tmp_path / "home-b" / "checkpoints"
-        deadline = time.monotonic() + 300
-        while not any(checkpoints.glob("train_realnvp-*.pt")) and time.monotonic() < deadline and killed.poll() is None:
-            time.sleep(0.1)
-        time.sleep(0.5)  # a few more checkpoints in
-        killed.kill()
-        killed.wait(timeout=60)
-        assert killed.returncode == -signal.SIGKILL and any(checkpoints.glob("train_realnvp-*.pt"))
-        assert_no_process_left(tag)
-        again = subprocess.run(faceflow(*arguments, "--output-dir", str(tmp_path / "resumed")), env=killed_env,
+    reference = subprocess.run(faceflow(*arguments, "--output-dir", str(tmp_path / "reference")), env=env("home-a"),
                                capture_output=True, text=True, timeout=600)
-        assert again.returncode == 0, again.stderr[-3000:]
-        resumed = json.loads(again.stdout.splitlines()[-1])
-        assert 0 < resumed["metrics"]["resumed_from_epoch"] < 1000
-        assert {resumed["tasks"][name] for name in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")} == {"Cached"}
-        assert not any(checkpoints.glob("*.pt"))  # removed once the training finished
-        weights = [torch.load(Path(json.loads(out)["output_dir"]) / "model.pt", weights_only=True)["state_dict"]
-                   for out in (reference.stdout.splitlines()[-1], again.stdout.splitlines()[-1])]
-        for name, value in weights[0].items():
-            assert torch.equal(value, weights[1][name]), name
-        assert resumed["metrics"]["heldout_log_prob"] == json.loads(reference.stdout.splitlines()[-1])["metrics"]["heldout_log_prob"]
-    finally:
-        kill_tagged(tag)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed_env, stderr = env("home-b"), tmp_path / "stderr.txt"
+    killed = subprocess.Popen(faceflow(*arguments, "--output-dir", str(tmp_path / "resumed")), env=killed_env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
+    checkpoints = tmp_path / "home-b" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("train_realnvp-*.pt")) and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)  # a few more checkpoints in
+    killed.kill()
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL and any(checkpoints.glob("train_realnvp-*.pt"))
+    assert_no_process_left(tag)
+    again = subprocess.run(faceflow(*arguments, "--output-dir", str(tmp_path / "resumed")), env=killed_env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(again.stdout.splitlines()[-1])
+    assert 0 < resumed["metrics"]["resumed_from_epoch"] < 1000
+    assert {resumed["tasks"][name] for name in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")} == {"Cached"}
+    assert not any(checkpoints.glob("*.pt"))  # removed once the training finished
+    weights = [torch.load(Path(json.loads(out)["output_dir"]) / "model.pt", weights_only=True)["state_dict"]
+               for out in (reference.stdout.splitlines()[-1], again.stdout.splitlines()[-1])]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    assert resumed["metrics"]["heldout_log_prob"] == json.loads(reference.stdout.splitlines()[-1])["metrics"]["heldout_log_prob"]
 
 
 def test_with_an_auth_string_the_server_refuses_unauthenticated_requests(prefect_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from commands.server import free_port
-from support import RunningUI, assert_no_process_left, kill_tagged, new_tag, run_deployment, wait_for_state
+from support import RunningUI, assert_no_process_left, run_deployment, wait_for_state
 
 
 def postgres_program(name: str) -> str:
@@ -74,17 +74,13 @@ def cluster() -> Iterator[Cluster]:
         cluster.stop()
 
 
-def test_make_ui_runs_a_deployment_on_postgresql(tmp_path: Path, data_file: Path, cluster: Cluster) -> None:
-    tag = new_tag()
-    try:
-        ui = RunningUI(tmp_path, tag, data_file, tmp_path / "home", PREFECT_API_DATABASE_CONNECTION_URL=cluster.url)
-        config = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "output_dir": str(tmp_path / "outputs")}
-        flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": config})
-        assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
-        assert cluster.query(f"select state_name from flow_run where id = '{flow_run_id}'") == "Completed"
-        assert cluster.query("select count(*) from deployment") == "3"
-        assert not (ui.home / "prefect.db").exists()  # nothing went to SQLite
-        ui.ctrl_c()
-        assert_no_process_left(tag)
-    finally:
-        kill_tagged(tag)
+def test_make_ui_runs_a_deployment_on_postgresql(tmp_path: Path, data_file: Path, cluster: Cluster, tag: str) -> None:
+    ui = RunningUI(tmp_path, tag, data_file, tmp_path / "home", PREFECT_API_DATABASE_CONNECTION_URL=cluster.url)
+    config = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "output_dir": str(tmp_path / "outputs")}
+    flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": config})
+    assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
+    assert cluster.query(f"select state_name from flow_run where id = '{flow_run_id}'") == "Completed"
+    assert cluster.query("select count(*) from deployment") == "3"
+    assert not (ui.home / "prefect.db").exists()  # nothing went to SQLite
+    ui.ctrl_c()
+    assert_no_process_left(tag)

@@ -18,18 +18,11 @@ import pytest
 
 from commands.server import local_server
 from support import (
-    assert_no_process_left, describe, faceflow, flow_run_states, kill_tagged, new_tag, tagged_env, tagged_processes,
+    assert_no_process_left, describe, faceflow, flow_run_states, tagged_env, tagged_processes,
     wait_for_text,
 )
 
 LONG_TRAINING = ["--epochs", "20000", "--n-samples", "4", "--steps", "3"]
-
-
-@pytest.fixture
-def tag() -> str:
-    tag = new_tag()
-    yield tag
-    kill_tagged(tag)
 
 
 def start_run(

@@ -7,22 +7,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
 from support import (
-    RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, tagged_processes,
+    RunningUI, assert_no_process_left, client, faceflow, run_deployment, tagged_processes,
     wait_for_state,
 )
 
 QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
-
-
-@pytest.fixture
-def tag() -> str:
-    tag = new_tag()
-    yield tag
-    kill_tagged(tag)
 
 
 def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(

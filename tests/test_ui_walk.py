@@ -17,7 +17,7 @@ from uuid import UUID
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from support import RunningUI, assert_no_process_left, client, kill_tagged, new_tag, run_deployment, wait_for_state
+from support import RunningUI, assert_no_process_left, client, run_deployment, wait_for_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -84,15 +84,11 @@ def run_from_form(ui: RunningUI, page, shots: Path, outputs: Path) -> UUID:
 
 
 @pytest.fixture
-def ui(tmp_path: Path, data_file: Path, prefect_home: Path) -> Iterator[RunningUI]:
-    tag = new_tag()
-    try:
-        running = RunningUI(tmp_path, tag, data_file, prefect_home, FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
-        yield running
-        running.ctrl_c()
-        assert_no_process_left(tag)
-    finally:
-        kill_tagged(tag)
+def ui(tmp_path: Path, data_file: Path, prefect_home: Path, tag: str) -> Iterator[RunningUI]:
+    running = RunningUI(tmp_path, tag, data_file, prefect_home, FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
+    yield running
+    running.ctrl_c()
+    assert_no_process_left(tag)
 
 
 def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
