@@ -6,7 +6,6 @@ import inspect
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, get_args, get_origin
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from artifacts.run_folder import OutputFolderError, check_output_folder
 from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
+from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
     API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, models_dir, prefect_home,
@@ -347,16 +347,10 @@ def _refuse_unwritable(folder: Path) -> None:
         raise typer.Exit(code=2) from None
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # An exception, unlike the default action, unwinds every `with` and `finally`: the flow run
-    # is marked Crashed and the server this command started is stopped.
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
     # No telemetry leaves the machine unless the user asks for it; a server started here inherits this.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signals.install()  # SIGTERM and Ctrl-C unwind every `with` and `finally`, never mid-import
     try:
         app()
     except SystemExit as finished:

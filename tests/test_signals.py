@@ -1,0 +1,72 @@
+"""SIGTERM and Ctrl-C unwind a faceflow command, but never from inside an import.
+
+An exception raised inside Python's import machinery can leave its locks held, and every other
+thread's next import then waits forever (commands/signals.py). A real process, a real signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+PROGRAM = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = [{repo!r}, {modules!r}]
+    from commands import signals
+    signals.install()
+    import slow_module  # prints "importing", sleeps, then writes the marker
+    print("imported", flush=True)
+    time.sleep(60)
+""")
+
+SLOW_MODULE = textwrap.dedent("""
+    import time
+    from pathlib import Path
+    print("importing", flush=True)
+    time.sleep(1.5)
+    Path({marker!r}).write_text("the import finished")
+""")
+
+
+@pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
+def test_a_signal_during_an_import_is_taken_once_the_import_is_done(
+    tmp_path: Path, stop_signal: signal.Signals, exit_code: int
+) -> None:
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE.format(marker=str(marker)))
+    program = PROGRAM.format(repo=str(REPO_ROOT), modules=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert process.stdout.readline().strip() == "importing"
+        time.sleep(0.3)  # well inside the import's 1.5 s
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == exit_code, stderr[-2000:]
+    assert marker.exists()  # the import ran to its end before the signal was taken
+    assert "slow_module" not in stderr  # nothing was raised inside it
+
+
+def test_a_signal_outside_an_import_is_taken_at_once(tmp_path: Path) -> None:
+    (tmp_path / "slow_module.py").write_text("print('importing', flush=True)\n")
+    program = PROGRAM.format(repo=str(REPO_ROOT), modules=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert [process.stdout.readline().strip() for _ in range(2)] == ["importing", "imported"]
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    assert time.monotonic() - sent < 5  # not held back (the program would sleep 60 s)
