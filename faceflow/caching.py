@@ -81,6 +81,15 @@ class ProcessLockManager(FileSystemLockManager):
         super().release_lock(key, holder)
         self._owner_path(key).unlink(missing_ok=True)
 
+    def _get_lock_info(self, key: str, use_cache: bool = True) -> Any:
+        try:
+            return super()._get_lock_info(key, use_cache)
+        except ValueError:
+            # Prefect creates the lock file, then writes it: read in between (by a second identical
+            # run), it is empty or half written, and parsing it failed that run. It is a lock being
+            # taken: held, by a holder not known yet; not cached, so the next read sees the holder.
+            return {"holder": None, "expiration": None, "path": self._lock_path_for_key(key)}
+
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
         if not super().is_locked(key, use_cache):
             return False

@@ -24,3 +24,20 @@ def test_config_keys_follow_every_field() -> None:
 
 def test_code_digest_is_stable_within_a_process() -> None:
     assert project_source_digest() == project_source_digest() and len(project_source_digest()) == 64
+
+
+def test_a_lock_file_caught_between_its_creation_and_its_content_is_a_held_lock(tmp_path: Path) -> None:
+    """Prefect creates a lock file, then writes it; a second identical run reading in between failed on its JSON."""
+    from faceflow.caching import ProcessLockManager
+
+    locks = ProcessLockManager(tmp_path)
+    taken = ProcessLockManager(tmp_path)  # the other run, in the middle of taking the lock
+    (tmp_path / "report-abc.lock").touch()
+    assert locks.is_locked("report-abc")
+    assert not locks.is_lock_holder("report-abc", "second run")
+    (tmp_path / "report-abc.lock").unlink()
+    assert taken.acquire_lock("report-abc", holder="first run")
+    assert locks.is_lock_holder("report-abc", "first run")  # once written, the holder is read, not a stale guess
+    assert not locks.acquire_lock("report-abc", holder="second run", acquire_timeout=0.3)
+    taken.release_lock("report-abc", holder="first run")
+    assert locks.acquire_lock("report-abc", holder="second run", acquire_timeout=0.3)
