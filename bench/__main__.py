@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from bench import flow_runs, quality, sweeps, training_speed
+from commands.signals import answer_ctrl_c_again
 from faceflow.config import FaceflowConfig
 from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
@@ -99,11 +99,7 @@ def _fmt(value: object) -> str:
 
 
 def main() -> None:
-    # The bench ends runs and `faceflow ui` with SIGINT as a terminal's Ctrl-C would. Started as a
-    # background job (nohup, `make bench &`) it inherits SIGINT ignored, and so would they: a
-    # handled signal, unlike an ignored one, is reset to its default in every process it starts.
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    answer_ctrl_c_again()  # the bench ends runs and `faceflow ui` with SIGINT, as a terminal's Ctrl-C would
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
     arguments = parser.parse_args()

@@ -57,8 +57,9 @@ def prepare_database(home: Path) -> None:
         pass
 
 
-def _cli_env(workdir: Path, data_file: Path) -> dict[str, str]:
-    env = os.environ | {"PREFECT_HOME": str(workdir / "prefect"), "FACEFLOW_DATA_FILE": str(data_file),
+def cli_env(home: Path, data_file: Path) -> dict[str, str]:
+    """A faceflow command's environment: its own PREFECT_HOME, the data file, no telemetry, no outside server."""
+    env = os.environ | {"PREFECT_HOME": str(home), "FACEFLOW_DATA_FILE": str(data_file),
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     return env
@@ -72,7 +73,7 @@ def cold_run(workdir: Path, data_file: Path) -> dict:
     it is an identical re-run as a new process: every task cached, the server started again.
     """
     command = [sys.executable, "-m", "commands.cli", "run", "--json", "--output-dir", str(workdir / "outputs")]
-    wall, peak, stdout = run_and_watch(command, _cli_env(workdir, data_file), workdir)
+    wall, peak, stdout = run_and_watch(command, cli_env(workdir / "prefect", data_file), workdir)
     summary = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_seconds": wall, "peak_rss_bytes": peak, "tasks": summary["tasks"], "metrics": summary["metrics"]}
 
@@ -82,7 +83,7 @@ def reruns_beside_ui(workdir: Path, data_file: Path, repeats: int) -> list[dict]
     log = workdir / "ui.log"
     with log.open("wb") as output:
         ui = subprocess.Popen(
-            [sys.executable, "-m", "commands.cli", "ui", "--port", str(free_port())], env=_cli_env(workdir, data_file),
+            [sys.executable, "-m", "commands.cli", "ui", "--port", str(free_port())], env=cli_env(workdir / "prefect", data_file),
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -186,16 +187,16 @@ ENDINGS: dict[str, tuple[list[str], Callable[[subprocess.Popen, Path], None] | N
 def orphans_after_runs(workdir: Path, data_file: Path, rounds: int = 5) -> dict:
     """`faceflow run` ended each way in ``ENDINGS``, ``rounds`` times each; processes of any of them left after 30 s."""
     tag = uuid.uuid4().hex
-    env = _cli_env(workdir, data_file) | {"FACEFLOW_BENCH_TAG": tag}
+    env = cli_env(workdir / "prefect", data_file) | {"FACEFLOW_BENCH_TAG": tag}
     exit_codes: dict[str, list[int]] = {kind: [] for kind in ENDINGS}
     for _ in range(rounds):
         for kind, (arguments, end) in ENDINGS.items():
             stderr = workdir / "stderr.txt"
-            process = subprocess.Popen(
-                [sys.executable, "-m", "commands.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
-                start_new_session=True,
-            )
+            with stderr.open("wb") as output:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "commands.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=output, start_new_session=True,
+                )
             if end is not None:
                 end(process, stderr)
             exit_codes[kind].append(process.wait(timeout=600))

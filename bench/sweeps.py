@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.flow_runs import REPO_ROOT
+from bench.flow_runs import REPO_ROOT, cli_env
 
 SPEC = {
     "base": {"data": {"validation_per_person": 1}, "train": {"epochs": 2500}},
@@ -24,28 +24,26 @@ SPEC = {
 SWEEP_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
-from commands.runner import flush_to_api
+from commands.runner import recorded_at
 from commands.server import local_server
 from faceflow.sweeps import SweepSpec
 from flows.sweep import faces_sweep, sweep_task_runner
 
 home, mode, spec = Path(sys.argv[1]), sys.argv[2], SweepSpec.model_validate(json.loads(sys.argv[3]))
-with local_server(home, timeout=600) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+# Logs and events flushed before the server stops: an exit that retries a stopped server takes a minute.
+with local_server(home, timeout=600) as server, recorded_at(server.api_url):
     runner = sweep_task_runner(workers=2) if mode == "dask" else ThreadPoolTaskRunner(max_workers=1)
     started = time.perf_counter()
     result = faces_sweep.with_options(task_runner=runner)(spec=spec)
     seconds = time.perf_counter() - started
-    flush_to_api()  # before the server stops: an exit that retries a stopped server takes a minute
 print(json.dumps({"seconds": seconds, "executions": result.executions, "rows": result.rows}, default=str))
 """
 
 
 def _sweep(home: Path, mode: str, data_file: Path, outputs: Path) -> dict:
     spec = SPEC | {"base": SPEC["base"] | {"output_dir": str(outputs)}}
-    env = os.environ | {"PREFECT_HOME": str(home), "FACEFLOW_DATA_FILE": str(data_file), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(home, data_file)
     started = time.perf_counter()
     finished = subprocess.run(
         [sys.executable, "-c", SWEEP_SCRIPT, str(home), mode, json.dumps(spec)], env=env, cwd=REPO_ROOT,

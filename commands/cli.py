@@ -99,20 +99,17 @@ def _validated_config(options: dict[str, Any]) -> FaceflowConfig:
         raise typer.Exit(code=2) from None
 
 
-def _on_a_server(
-    command: str, start_timeout: float, load: Callable[[], Callable[[str], dict[str, Any]]], stopped: str
-) -> dict[str, Any]:
-    """Run the work ``load()`` returns with the API URL of the server this PREFECT_HOME uses,
-    started here (and stopped on the way out) if none is up.
+def _on_a_server(command: str, start_timeout: float, work: Callable[[str], dict[str, Any]], stopped: str) -> dict[str, Any]:
+    """``work(api_url)`` on the server this PREFECT_HOME uses, started here (and stopped on the way out) if none is up.
 
-    ``load`` imports the work's modules (torch, scikit-learn, Prefect): seconds that overlap the
-    server's start. Every failure ends the command with one line on stderr: status 1, or 130 on
-    Ctrl-C, where ``stopped`` says what was stopped on the way out.
+    Every failure ends the command with one line on stderr: status 1, or 130 on Ctrl-C, where
+    ``stopped`` says what was stopped on the way out.
     """
     try:
         with api_server(prefect_home()) as server:
-            os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, in load()
-            work = load()
+            os.environ[API_URL_VARIABLE] = server.api_url  # before Prefect is first imported, just below
+            import commands.runner  # noqa: F401  torch, scikit-learn, Prefect: seconds that overlap the server's start
+
             server.wait_until_ready(start_timeout)
             return work(server.api_url)
     except KeyboardInterrupt:
@@ -145,14 +142,12 @@ def run(**options: Any) -> None:
     config = _validated_config(options)
     start_timeout = _refuse_bad_input(config)
 
-    def load_pipeline() -> Callable[[str], dict[str, Any]]:
+    def work(api_url: str) -> dict[str, Any]:
         from commands.runner import run_pipeline
 
-        return lambda api_url: run_pipeline(config, api_url)
+        return run_pipeline(config, api_url)
 
-    summary = _on_a_server(
-        "run", start_timeout, load_pipeline, "the flow run is marked Crashed and the server it started is stopped"
-    )
+    summary = _on_a_server("run", start_timeout, work, "the flow run is marked Crashed and the server it started is stopped")
     if as_json:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
     else:
@@ -320,12 +315,12 @@ def sweep(
         raise typer.Exit(code=2) from None
     typer.echo(f"sweep of {len(configurations)} configurations on {dask_address or f'a LocalCluster of {workers} workers'}", err=True)
 
-    def load_sweep() -> Callable[[str], dict[str, Any]]:
+    def work(api_url: str) -> dict[str, Any]:
         from commands.runner import run_sweep
 
-        return lambda api_url: run_sweep(parsed, api_url, dask_address, workers, promote, margin)
+        return run_sweep(parsed, api_url, dask_address, workers, promote, margin)
 
-    summary = _on_a_server("sweep", start_timeout, load_sweep, "the cluster and the server it started are stopped")
+    summary = _on_a_server("sweep", start_timeout, work, "the cluster and the server it started are stopped")
     if json_output:
         typer.echo(json.dumps(summary, allow_nan=False, default=str))
         return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect.events.worker import EventsWorker
@@ -39,13 +41,20 @@ def flush_to_api() -> None:
         print(f"warning: some Prefect logs or events were not sent: {error}", file=sys.stderr)
 
 
-def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:
-    """Run the flow once, recorded by the server at ``api_url``; raise if it fails."""
+@contextmanager
+def recorded_at(api_url: str) -> Iterator[None]:
+    """Flows run inside are recorded by the server at ``api_url``, their logs and events all sent by the end."""
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         try:
-            state = faceflow_pipeline(config=config, return_state=True)
+            yield
         finally:
             flush_to_api()
+
+
+def run_pipeline(config: FaceflowConfig, api_url: str) -> dict[str, Any]:
+    """Run the flow once, recorded by the server at ``api_url``; raise if it fails."""
+    with recorded_at(api_url):
+        state = faceflow_pipeline(config=config, return_state=True)
     result = state.result()  # raises the flow's exception if it failed
     return {
         "flow_run_id": str(state.state_details.flow_run_id),
@@ -62,13 +71,10 @@ def run_sweep(
     """Run the sweep flow once on Dask, recorded by the server at ``api_url``; raise if it fails."""
     from flows.sweep import faces_sweep, sweep_task_runner  # Dask loads only for a sweep
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        try:
-            state = faces_sweep.with_options(task_runner=sweep_task_runner(dask_address, workers))(
-                spec=spec, promote=promote, promotion_margin=margin, return_state=True
-            )
-        finally:
-            flush_to_api()
+    with recorded_at(api_url):
+        state = faces_sweep.with_options(task_runner=sweep_task_runner(dask_address, workers))(
+            spec=spec, promote=promote, promotion_margin=margin, return_state=True
+        )
     result = state.result()
     return {
         "flow_run_id": str(state.state_details.flow_run_id),

@@ -57,11 +57,21 @@ class LocalServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return server_url(self.port)
 
     @property
     def api_url(self) -> str:
-        return f"{self.url}/api"
+        return api_url_for(self.port)
+
+
+def server_url(port: int) -> str:
+    """Where a server faceflow starts on ``port`` answers: its UI (when it has one)."""
+    return f"http://{HOST}:{port}"
+
+
+def api_url_for(port: int) -> str:
+    """The API of the server faceflow starts on ``port``."""
+    return f"{server_url(port)}/api"
 
 
 def free_port() -> int:
@@ -87,7 +97,7 @@ def tethered(command: list[str]) -> list[str]:
 def start_server(home: Path, port: int | None = None, ui: bool = False) -> LocalServer:
     """Launch ``prefect server start`` for ``home``; returns at once (see ``wait_until_ready``)."""
     port = port or free_port()
-    api_url = f"http://{HOST}:{port}/api"
+    api_url = api_url_for(port)
     logs = home / LOG_FOLDER
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / (f"ui-{port}.log" if ui else f"run-{os.getpid()}-{port}.log")

@@ -53,3 +53,14 @@ def install() -> None:
     signal.signal(signal.SIGTERM, stop)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, stop)
+
+
+def answer_ctrl_c_again() -> None:
+    """Undo a background job's ignored SIGINT for this process and every process it starts.
+
+    A shell starts a background job (``make test &``, nohup) with SIGINT ignored, and an
+    ignored signal is inherited through exec: whatever a test or the bench starts and then
+    stops with Ctrl-C would shrug it off. A handled signal is reset to its default on exec.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -38,7 +38,6 @@ WORKER_SETTINGS = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.nanny.environ.TQDM_DISABLE": "1",
 }
-UPSTREAM = ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")
 
 
 def sweep_task_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:

@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from artifacts.tables import json_safe
+
 
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
 RECORD = "champion.json"
@@ -42,7 +44,7 @@ class ChampionRecord:
     metrics: dict[str, float]
 
     def to_json(self) -> dict[str, object]:
-        return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
+        return {k: json_safe(v) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -71,8 +72,14 @@ def estimator_bytes(pca: PCA) -> bytes:
 
 
 def load_estimator(fitted: FittedPCA) -> PCA:
-    """The fitted scikit-learn PCA behind ``fitted``."""
-    return joblib.load(io.BytesIO(fitted.estimator))
+    """The fitted scikit-learn PCA behind ``fitted`` (read-only: it is shared between callers)."""
+    return _read_estimator(fitted.estimator)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_estimator(estimator: bytes) -> PCA:
+    # Sampling maps three sets of coordinates back to pixels: one joblib load, not three.
+    return joblib.load(io.BytesIO(estimator))
 
 
 def to_pixels(fitted: FittedPCA, coords: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from artifacts.publish import publish_figure, publish_markdown, publish_table
-from faceflow.caching import KEYED_INPUTS
+from faceflow.caching import KEYED_INPUTS, cache_key
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, prefect_home
@@ -126,7 +126,9 @@ def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: 
     from artifacts.progress import TrainingProgress
     from tasks.train import train_flow
 
-    resume_file = prefect_home() / "checkpoints" / f"train_realnvp-{content_key('trained', batches, config, seed, device)}.pt"
+    # Named by the task's own cache key, faceflow's code included: a checkpoint of other code is never resumed.
+    resume_key = cache_key("train_realnvp", {"batches": batches, "config": config, "seed": seed, "device": device})
+    resume_file = prefect_home() / "checkpoints" / f"{resume_key}.pt"
     with TrainingProgress(config.epochs) as progress:
         trained = train_flow(
             batches, config, seed, device=device, resume_file=resume_file, checkpoint_every=checkpoint_seconds(),

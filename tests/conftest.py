@@ -12,15 +12,11 @@ os.environ["PREFECT_HOME"] = _SESSION_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 
-import signal  # noqa: E402
-
 import pytest  # noqa: E402
 
-# Tests send SIGINT as a terminal's Ctrl-C would. A shell starts a background job (`make test &`,
-# nohup) with SIGINT ignored, and an ignored signal is inherited through exec: every process a
-# test starts would shrug off its Ctrl-C. A handled signal is reset to its default on exec instead.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+from commands.signals import answer_ctrl_c_again  # noqa: E402
+
+answer_ctrl_c_again()  # tests send SIGINT as a terminal's Ctrl-C would
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "olivettifaces.mat"

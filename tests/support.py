@@ -14,7 +14,7 @@ from uuid import UUID
 import psutil
 from prefect.client.orchestration import SyncPrefectClient
 
-from commands.server import free_port
+from commands.server import api_url_for, free_port, server_url
 
 TAG_VARIABLE = "FACEFLOW_TEST_TAG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,15 +107,15 @@ class RunningUI:
             ["make", "--no-print-directory", "ui", f"PORT={self.port}"], cwd=REPO_ROOT, env=self.env,
             stdin=subprocess.DEVNULL, stdout=self.output.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_for_text(self.output, f"faceflow UI: http://127.0.0.1:{self.port}", self.process, timeout=600)
+        wait_for_text(self.output, f"faceflow UI: {server_url(self.port)}", self.process, timeout=600)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return server_url(self.port)
 
     @property
     def api_url(self) -> str:
-        return f"{self.url}/api"
+        return api_url_for(self.port)
 
     def ctrl_c(self) -> None:
         """SIGINT to the whole group; make then dies of the same signal, as it does in a terminal."""

@@ -24,7 +24,7 @@ import torch
 from artifacts.run_folder import OutputFolderError, write_run_folder
 from commands.server import local_server
 from conftest import copy_home
-from support import assert_no_process_left, faceflow, new_tag, tagged_env, wait_for_text
+from support import assert_no_process_left, faceflow, tagged_env, wait_for_text
 from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 
@@ -100,12 +100,12 @@ def tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[Path]:
 
 @pytest.mark.parametrize(("size", "read_only", "reason"), [("1m", False, "MiB free"), ("100m", True, "not writable")])
 def test_an_output_folder_that_cannot_take_a_run_is_refused_before_work(
-    tmp_path: Path, data_file: Path, size: str, read_only: bool, reason: str
+    tmp_path: Path, data_file: Path, size: str, read_only: bool, reason: str, tag: str
 ) -> None:
     with tmpfs(tmp_path / "disk", size, read_only) as disk:
         result = subprocess.run(
             faceflow("run", "--output-dir", str(disk / "outputs")),
-            env=tagged_env(new_tag(), tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file)),
+            env=tagged_env(tag, tmp_path / "home", FACEFLOW_DATA_FILE=str(data_file)),
             capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 2 and f"output folder {str(disk / 'outputs')!r}" in result.stderr

@@ -74,16 +74,18 @@ def test_a_sweep_ranks_shares_upstream_and_survives_a_killed_worker_and_a_diverg
 def test_a_repeated_sweep_is_served_from_the_cache_without_a_cluster(home: Path, tmp_path: Path, data_file: Path, tag: str) -> None:
     """The same good configurations again: every step Cached, read where the flow runs, no Dask worker started."""
     env = tagged_env(tag, home, FACEFLOW_DATA_FILE=str(data_file))
-    sweep = subprocess.Popen(
-        faceflow("sweep", str(spec_file(tmp_path, home.parent / "outputs", GOOD_RATES)), "--workers", "2", "--json"),
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    stderr = tmp_path / "stderr.txt"  # a file, not a pipe: nobody reads while the sweep runs, and a full pipe blocks it
+    with stderr.open("wb") as output:
+        sweep = subprocess.Popen(
+            faceflow("sweep", str(spec_file(tmp_path, home.parent / "outputs", GOOD_RATES)), "--workers", "2", "--json"),
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=output,
+        )
     started_workers = 0
     while sweep.poll() is None:
         started_workers = max(started_workers, len(dask_workers(tag)))
         time.sleep(0.1)
-    stdout, stderr = sweep.communicate(timeout=60)
-    assert sweep.returncode == 0, stderr.decode()[-3000:]
+    stdout, _ = sweep.communicate(timeout=60)
+    assert sweep.returncode == 0, stderr.read_text()[-3000:]
     result = json.loads(stdout.decode().splitlines()[-1])
     assert {task: set(states) for task, states in result["executions"].items()} == {
         task: {"Cached"} for task in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader", "train_realnvp", "score_model")
