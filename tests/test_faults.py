@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 
 DIM = 8
+RAN = "payload-ran"  # the file a malicious checkpoint's code would create
 
 
 def _checkpoint(path: Path) -> Path:
@@ -38,10 +40,13 @@ def _checkpoint(path: Path) -> Path:
 
 
 class _RunsCode:
-    """A pickle that would run a shell command when loaded."""
+    """A pickle that runs code when loaded: it would create the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (Path.touch, (self.marker,))
 
 
 def _write(path: Path, content: bytes) -> Path:
@@ -65,7 +70,7 @@ BROKEN_CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing": (lambda p: p, "does not exist"),
     "empty": (lambda p: _write(p, b""), "not a readable torch checkpoint"),
     "truncated": (lambda p: _write(p, _checkpoint(p).read_bytes()[:300]), "not a readable torch checkpoint"),
-    "a pickle that runs code": (lambda p: _write(p, pickle.dumps(_RunsCode())), "not a readable torch checkpoint"),
+    "a pickle that runs code": (lambda p: _write(p, pickle.dumps(_RunsCode(p.with_name(RAN)))), "not a readable torch checkpoint"),
     "another format": (lambda p: _save(p, {"weights": 1}), "not a faceflow checkpoint"),
     "no weights": (lambda p: _with_payload(p, lambda d: d.pop("state_dict")), "lacks state_dict"),
     "NaN weights": (lambda p: _with_payload(p, lambda d: next(iter(d["state_dict"].values())).fill_(float("nan"))),
@@ -82,6 +87,7 @@ def test_a_broken_checkpoint_is_refused_naming_the_file(case: str, tmp_path: Pat
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(path)
     assert str(path) in str(caught.value) and reason in str(caught.value)
+    assert not (tmp_path / RAN).exists()  # refused before unpickling ran anything, not after
 
 
 @contextmanager
@@ -120,14 +126,20 @@ def test_a_disk_that_fills_while_the_run_folder_is_written_leaves_nothing(tmp_pa
         assert list(disk.iterdir()) == []
 
 
+@dataclass(frozen=True)
+class StallingProxy:
+    url: str
+    connected: threading.Event  # set once a client's connection is held, unanswered
+
+
 @contextmanager
-def stalling_proxy() -> Iterator[str]:
+def stalling_proxy() -> Iterator[StallingProxy]:
     """An HTTP proxy that accepts connections and never answers: a stalled network."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     held: list[socket.socket] = []
-    stop = threading.Event()
+    stop, connected = threading.Event(), threading.Event()
 
     def accept() -> None:
         listener.settimeout(0.2)
@@ -136,11 +148,12 @@ def stalling_proxy() -> Iterator[str]:
                 held.append(listener.accept()[0])
             except OSError:
                 continue
+            connected.set()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield StallingProxy(f"http://127.0.0.1:{listener.getsockname()[1]}", connected)
     finally:
         stop.set()
         thread.join()
@@ -152,7 +165,7 @@ def stalling_proxy() -> Iterator[str]:
 def test_a_stalled_download_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with stalling_proxy() as proxy:
         for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(variable, proxy)
+            monkeypatch.setenv(variable, proxy.url)
         monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path))
         monkeypatch.setenv("FACEFLOW_DOWNLOAD_TIMEOUT", "0.5")
         started = time.monotonic()
@@ -164,7 +177,7 @@ def test_a_stalled_download_times_out(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: Path, tag: str) -> None:
     with stalling_proxy() as proxy:
         # Only the download goes through the stalled proxy; Prefect's own connections stay local.
-        env = tagged_env(tag, prefect_home, SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy, https_proxy=proxy,
+        env = tagged_env(tag, prefect_home, SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy.url, https_proxy=proxy.url,
                          NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
         env.pop("FACEFLOW_DATA_FILE", None)
         stderr = tmp_path / "stderr.txt"
@@ -172,8 +185,9 @@ def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: 
             faceflow("run", "--output-dir", str(tmp_path / "outputs")), env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=stderr.open("wb"),
         )
-        wait_for_text(stderr, "Beginning flow run", process, timeout=300)
-        time.sleep(2)  # inside fetch_faces, waiting on the proxy (the default read timeout is 30 s)
+        # The download's connection is held unanswered: the run waits inside fetch_faces (read timeout 30 s).
+        assert proxy.connected.wait(timeout=300), stderr.read_text()[-3000:]
+        assert process.poll() is None
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
@@ -219,8 +233,7 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Pa
     deadline = time.monotonic() + 300
     while not any(checkpoints.glob("train_realnvp-*.pt")) and time.monotonic() < deadline and killed.poll() is None:
         time.sleep(0.1)
-    time.sleep(0.5)  # a few more checkpoints in
-    killed.kill()
+    killed.kill()  # mid-training: a checkpoint is on disk (written whole, by rename) and the run still trains
     killed.wait(timeout=60)
     assert killed.returncode == -signal.SIGKILL and any(checkpoints.glob("train_realnvp-*.pt"))
     assert_no_process_left(tag)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from artifacts.run_folder import run_folder_problems
-from conftest import copy_home
+from conftest import REPO_ROOT, copy_home
 from commands.server import local_server
 from tasks.model import load_checkpoint
 
@@ -34,19 +34,34 @@ QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> str:
-    with local_server(copy_home(migrated_home, tmp_path_factory.mktemp("prefect-server") / "home"), timeout=300, ui=True) as running:
+def home(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> Path:
+    """This module's PREFECT_HOME: its server's database and its runs' cached results, shared with no other module."""
+    return copy_home(migrated_home, tmp_path_factory.mktemp("prefect-server") / "home")
+
+
+@pytest.fixture(scope="module")
+def server(home: Path) -> str:
+    with local_server(home, timeout=300, ui=True) as running:
         yield running.api_url
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+def workdir(home: Path) -> Path:
+    """Where this module's runs start and write; beside its home, where faceflow_cli finds it."""
+    folder = home.parent / "runs"
+    folder.mkdir()
+    return folder
 
 
-def faceflow_cli(server: str, workdir: Path, data_file: Path, *arguments: str) -> str:
-    """`faceflow run` in a fresh process against the test server; its stdout."""
-    env = os.environ | {"PREFECT_API_URL": server, "FACEFLOW_DATA_FILE": str(data_file)}
+def faceflow_cli(
+    server: str, workdir: Path, data_file: Path, *arguments: str, code: Path = REPO_ROOT, home: Path | None = None
+) -> str:
+    """`faceflow run` of the checkout ``code`` in a fresh process against the test server; its stdout.
+
+    Its results are cached in ``home``, by default this module's.
+    """
+    env = os.environ | {"PREFECT_API_URL": server, "PREFECT_HOME": str(home or workdir.parent / "home"),
+                        "FACEFLOW_DATA_FILE": str(data_file), "PYTHONPATH": str(code)}
     result = subprocess.run(
         [sys.executable, "-m", "commands.cli", "run", "--output-dir", str(workdir / "outputs"), *arguments],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
@@ -55,9 +70,13 @@ def faceflow_cli(server: str, workdir: Path, data_file: Path, *arguments: str) -
     return result.stdout
 
 
-def faceflow_run(server: str, workdir: Path, data_file: Path, *arguments: str) -> dict:
+def faceflow_run(server: str, workdir: Path, data_file: Path, *arguments: str, **where: Path) -> dict:
     """`faceflow run --json`: the last line of stdout, parsed."""
-    return json.loads(faceflow_cli(server, workdir, data_file, "--json", *arguments).strip().splitlines()[-1])
+    return json.loads(faceflow_cli(server, workdir, data_file, "--json", *arguments, **where).strip().splitlines()[-1])
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def artifacts_of(server: str, flow_run_id: str) -> dict[str, object]:
@@ -74,7 +93,9 @@ def artifacts_of(server: str, flow_run_id: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def first_run(server: str, workdir: Path, data_file: Path) -> dict:
-    return faceflow_run(server, workdir, data_file, *QUICK)
+    """The module's first run: every step computed (its home is new), its folder's bytes as first written."""
+    run = faceflow_run(server, workdir, data_file, *QUICK)
+    return run | {"files": folder_bytes(Path(run["output_dir"]))}
 
 
 def test_first_run_completes_every_task(first_run: dict) -> None:
@@ -162,6 +183,50 @@ def test_downstream_change_reruns_only_downstream(server: str, workdir: Path, da
     assert changed["metrics"]["heldout_log_prob"] == first_run["metrics"]["heldout_log_prob"]
 
 
+def test_editing_the_code_invalidates_the_cache(server: str, workdir: Path, data_file: Path, first_run: dict, tmp_path: Path) -> None:
+    """A copy of this checkout is served from the cache; the same copy with one line of a task edited computes again."""
+    code = tmp_path / "checkout"
+    for package in ("faceflow", "tasks", "flows", "artifacts", "commands"):
+        shutil.copytree(REPO_ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    unchanged = faceflow_run(server, workdir, data_file, *QUICK, code=code)
+    assert unchanged["tasks"] == {name: "Cached" for name in ALL_TASKS}  # the copy is the same code
+    with (code / "tasks" / "score.py").open("a") as source:
+        source.write("\nEDITED = True  # any change to faceflow's code\n")
+    edited = faceflow_run(server, workdir, data_file, *QUICK, code=code)
+    assert edited["tasks"] == {name: "Completed" for name in ALL_TASKS}
+    assert edited["output_dir"] != first_run["output_dir"]
+
+
+def _without_timings(metrics: dict) -> dict[str, float]:
+    """The figures that do not measure time, as numbers (JSON carries NaN as "nan")."""
+    return {name: float(value) for name, value in metrics.items() if "second" not in name}
+
+
+def test_parallel_steps_do_not_change_the_results(
+    server: str, workdir: Path, data_file: Path, first_run: dict, tmp_path: Path
+) -> None:
+    """Computed again from nothing (a new home) with the new-people models trained after the main one: bit for bit the same."""
+    again = faceflow_run(server, workdir, data_file, *QUICK, "--no-parallel", "--output-dir", str(tmp_path / "outputs"),
+                         home=tmp_path / "home")
+    assert set(again["tasks"].values()) == {"Completed"}
+    assert Path(again["output_dir"]).name == Path(first_run["output_dir"]).name  # the same run, so the same folder
+    assert _without_timings(again["metrics"]) == _without_timings(first_run["metrics"])
+    assert (Path(again["output_dir"]) / "model.pt").read_bytes() == first_run["files"]["model.pt"]
+
+
+def test_two_threads_change_the_results_only_by_rounding(
+    server: str, workdir: Path, data_file: Path, first_run: dict, tmp_path: Path
+) -> None:
+    """BLAS sums in another order on 2 threads: the same run (one folder, one cache entry) to within 1e-5."""
+    again = faceflow_run(server, workdir, data_file, *QUICK, "--threads", "2", "--output-dir", str(tmp_path / "outputs"),
+                         home=tmp_path / "home")
+    assert set(again["tasks"].values()) == {"Completed"}
+    assert Path(again["output_dir"]).name == Path(first_run["output_dir"]).name
+    # Every figure (log p of every part, the baselines', new people's): the model's weights differ in
+    # their last digits, which Adam's first steps amplify, but not what they compute.
+    assert _without_timings(again["metrics"]) == pytest.approx(_without_timings(first_run["metrics"]), rel=1e-5, nan_ok=True)
+
+
 def _remove(folder: Path, *names: str) -> None:
     for name in names:
         (folder / name).unlink()
@@ -187,8 +252,7 @@ def test_a_damaged_run_folder_is_written_again_from_cached_results(
     assert again["repaired"] == reported
     assert again["tasks"] == {name: ("Completed" if name == "report" else "Cached") for name in ALL_TASKS}
     assert run_folder_problems(folder) == []
-    assert json.loads((folder / "metrics.json").read_text()) == pytest.approx(first_run["metrics"])
-    assert {p.name for p in folder.iterdir()} == RUN_FILES
+    assert folder_bytes(folder) == first_run["files"]  # byte for byte the folder first written, not just self-consistent
 
 
 def test_plain_output_says_where_the_report_is(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:

@@ -22,16 +22,20 @@ PROGRAM = textwrap.dedent("""
     sys.path[:0] = [{repo!r}, {modules!r}]
     from commands import signals
     signals.install()
-    import slow_module  # prints "importing", sleeps, then writes the marker
+    import slow_module  # prints "importing", waits for the signal to be put off, writes the marker
     print("imported", flush=True)
     time.sleep(60)
 """)
 
 SLOW_MODULE = textwrap.dedent("""
-    import time
+    import threading, time
     from pathlib import Path
     print("importing", flush=True)
-    time.sleep(1.5)
+    # Stay inside this import until the signal has reached faceflow's handler and been put off
+    # (it arms a timer to take it again): a condition, not a guess at how long delivery takes.
+    deadline = time.monotonic() + 30
+    while not any(isinstance(t, threading.Timer) for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     Path({marker!r}).write_text("the import finished")
 """)
 
@@ -45,8 +49,7 @@ def test_a_signal_during_an_import_is_taken_once_the_import_is_done(
     program = PROGRAM.format(repo=str(REPO_ROOT), modules=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert process.stdout.readline().strip() == "importing"
-        time.sleep(0.3)  # well inside the import's 1.5 s
+        assert process.stdout.readline().strip() == "importing"  # inside the import until the signal is put off
         process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=30)
     finally:
