@@ -94,7 +94,7 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
         promote_champion(challenger.report.folder, record, models)
         Variable.set(CHAMPION_VARIABLE, record.to_json(), overwrite=True)
         champion = record
-    row |= {"promoted": decision.promote, "why": decision.reason}
+    row |= {"champion validation log p": champion_validation, "promoted": decision.promote, "why": decision.reason}
     _publish_leaderboard(append_leaderboard(models, row), decision.reason)
     get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
     return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)

@@ -16,8 +16,9 @@ from commands.server import local_server
 from conftest import copy_home
 from support import client, faceflow
 
-# First a champion, then a worse challenger (3 epochs), then a better one (many more epochs).
-EPOCHS = (40, 3, 250)
+# (epochs, promotion margin): a first champion; a challenger better on validation but by less than
+# its (huge) margin; the same recipe again with the usual margin, which it clears.
+CHALLENGERS = ((40, 0.5), (250, 100.0), (250, 0.5))
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,13 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
         home = copy_home(migrated_home, root / "home")
         with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
             results, variables = [], []
-            for epochs in EPOCHS:
+            for epochs, margin in CHALLENGERS:
                 config = RETRAIN_CONFIG.model_copy(update={
                     "output_dir": root / "outputs", "data": RETRAIN_CONFIG.data.model_copy(update={"data_file": data_file}),
                     "train": RETRAIN_CONFIG.train.model_copy(update={"epochs": epochs}),
                     "sample": RETRAIN_CONFIG.sample.model_copy(update={"n_samples": 4}),
                 })
-                results.append(faceflow_retrain(config=config, promotion_margin=0.5))
+                results.append(faceflow_retrain(config=config, promotion_margin=margin))
                 variables.append(Variable.get(CHAMPION_VARIABLE))
             with client(server.api_url) as prefect:
                 leaderboard = prefect.read_latest_artifacts()
@@ -55,13 +56,47 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
             os.environ["FACEFLOW_MODELS_DIR"] = previous
 
 
-def test_the_champion_changes_exactly_when_validation_improves(retrained: dict) -> None:
+def test_the_champion_changes_exactly_when_validation_improves_by_the_margin(retrained: dict) -> None:
     results = retrained["results"]
     assert [r.promoted for r in results] == [True, False, True], [r.reason for r in results]
     validation = [r.challenger["validation log p"] for r in results]
-    assert validation[1] < validation[0] < validation[2] - 0.5
-    assert results[0].reason == "first champion" and "not more than the 0.5-nat margin" in results[1].reason
+    assert validation[0] < validation[1]  # the rejected challenger was better, just not by its margin
+    assert results[0].reason == "first champion" and "not more than the 100-nat margin" in results[1].reason
     assert results[1].champion == results[0].champion  # a rejected challenger leaves the champion untouched
+    for result, (_, margin) in zip(results[1:], CHALLENGERS[1:], strict=True):
+        row = result.challenger
+        gain = row["validation log p"] - row["champion validation log p"]
+        assert result.promoted == (gain > margin)
+        assert f"{row['validation log p']:.2f}" in result.reason and f"{row['champion validation log p']:.2f}" in result.reason
+
+
+def _validation_log_p(folder: Path, faces, faces_of: Path | None = None) -> float:
+    """Mean log p under the model in run folder ``folder`` of the validation faces of run ``faces_of`` (default: its own).
+
+    Recomputed from the run folders' files alone.
+    """
+    import joblib
+    import torch
+
+    from tasks.model import load_checkpoint
+
+    validation = json.loads(((faces_of or folder) / "split.json").read_text())["validation"]
+    model, _ = load_checkpoint(folder / "model.pt")
+    coords = joblib.load(folder / "pca.joblib").transform(faces.flat[validation]).astype(np.float32)
+    with torch.no_grad():
+        return float(model.log_prob(torch.from_numpy(coords)).double().mean())
+
+
+def test_the_champion_is_judged_on_validation_faces_not_held_out_ones(retrained: dict, faces) -> None:
+    """Both figures each decision compared are validation log p of the challenger's validation faces, recomputed from files."""
+    first, second, third = (Path(r.challenger["run folder"]) for r in retrained["results"])
+    assert _validation_log_p(first, faces) == pytest.approx(retrained["results"][0].challenger["validation log p"], abs=1e-3)
+    # The champion (the first model) re-scored on each later challenger's validation faces.
+    for challenger_folder, result in ((second, retrained["results"][1]), (third, retrained["results"][2])):
+        champion_on_them = _validation_log_p(first, faces, faces_of=challenger_folder)
+        assert result.challenger["champion validation log p"] == pytest.approx(champion_on_them, abs=1e-3)
+        assert result.challenger["validation log p"] == pytest.approx(_validation_log_p(challenger_folder, faces), abs=1e-3)
+        assert result.challenger["validation log p"] != pytest.approx(result.challenger["held-out log p"], abs=0.01)
 
 
 def test_the_variable_and_the_champion_folder_agree(retrained: dict) -> None:
