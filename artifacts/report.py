@@ -112,15 +112,20 @@ def report_markdown(
     image_links: dict[str, str],
     run_name: str,
 ) -> str:
-    """The full report; ``image_links`` maps figure name to a file name or a data URI."""
-    table = markdown_table(comparison)
+    """The full report; ``image_links`` maps figure name to a file name or a data URI.
+
+    The table holds only numbers, so it stays narrow in the UI's artifact panel; what each model
+    is (its free-text ``detail``) is listed below it.
+    """
+    table = markdown_table(comparison.drop(columns="detail"))
+    details = "\n".join(f"- **{row.method}**: {row.detail}" for row in comparison.itertuples() if row.detail)
     sections = [
         f"# faceflow report: {run_name}",
         "Olivetti faces → PCA → RealNVP (normflows). All log-densities are in nats per face, "
         "in PCA coordinates, on faces the models never saw: `heldout_log_prob` on held-out images of the "
         "people the models were fitted on, `new_people_log_prob` on every image of people left out of PCA, "
         "flow and baselines altogether.",
-        "## Model quality\n\n" + table,
+        "## Model quality\n\n" + table + ("\n\n" + details if details else ""),
         f"![{FIGURE_CAPTIONS['samples']}]({image_links['samples']})",
         f"![{FIGURE_CAPTIONS['interpolation']}]({image_links['interpolation']})",
         f"![{FIGURE_CAPTIONS['loss']}]({image_links['loss']})",

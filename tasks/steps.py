@@ -65,10 +65,13 @@ def fetch_faces(data_file: Path | None) -> Faces:
     from tasks.data import load_faces
 
     faces = load_faces(data_file)
-    publish_table("faceflow-data", [{
-        "faces": len(faces.images), "people": len(set(faces.target.tolist())), "image": "64 x 64",
-        "source": faces.source, "sha256": faces.sha256,
-    }], "The faces this run read")
+    # One row per item, not one wide row: the path and the sha256 then fit the UI's artifact panel.
+    publish_table("faceflow-data", [
+        {"item": item, "value": value} for item, value in (
+            ("faces", len(faces.images)), ("people", len(set(faces.target.tolist()))), ("image", "64 x 64"),
+            ("source", faces.source), ("sha256", faces.sha256),
+        )
+    ], "The faces this run read")
     return faces
 
 
@@ -144,11 +147,12 @@ def fit_baselines(pca: FittedPCA, split: Split, config: BaselineConfig, seed: in
     from tasks.baselines import fit_baseline_models
 
     baselines = fit_baseline_models(pca, split, config, seed)
+    # Numbers only, so the table fits the UI's artifact panel; what each chose (free text) is in the description.
     publish_table("faceflow-baselines", [
-        {"method": r.name, "held-out log p": r.heldout_log_prob, "validation log p": r.validation_log_prob,
-         "seconds": r.train_seconds, "chosen": r.detail}
+        {"method": r.name, "held-out": r.heldout_log_prob, "validation": r.validation_log_prob, "seconds": r.train_seconds}
         for r in baselines.results
-    ], "Baseline densities on the same PCA coordinates (nats per face)")
+    ], "Baseline densities on the same PCA coordinates, log p in nats per face. Chosen on validation: "
+       + "; ".join(f"{r.name}: {r.detail}" for r in baselines.results))
     return baselines
 
 
@@ -227,7 +231,10 @@ def report(
     built = build_report(run_folder.name, split, pca, trained, samples, scores, interpolation, baselines, new_people, config)
     write_run_folder(run_folder, built.files)
     publish_markdown("faceflow-report", built.markdown, "faceflow run report")
-    publish_table("faceflow-quality", built.comparison.to_dict(orient="records"), "Held-out and new-people log p: flow vs baselines")
+    # Numbers only, so the table fits the UI's artifact panel; each model's free-text detail is
+    # listed below the same table in faceflow-report.
+    publish_table("faceflow-quality", built.comparison.drop(columns="detail").to_dict(orient="records"),
+                  "Held-out and new-people log p (nats per face): flow vs baselines; what each model is: faceflow-report")
     publish_table("faceflow-metrics", [{"metric": k, "value": v} for k, v in built.metrics.items()], "Run metrics")
     return RunReport(
         content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people),

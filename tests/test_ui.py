@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from uuid import UUID
 
 
 from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
@@ -15,6 +16,23 @@ from support import (
 )
 
 QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
+
+
+def wait_for_a_running_task(api_url: str, flow_run_id: UUID, timeout: float) -> None:
+    """Until the server records a task run of ``flow_run_id`` as Running: the flow is inside its tasks."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState, TaskRunFilterStateName,
+    )
+
+    in_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    running = TaskRunFilter(state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Running"])))
+    deadline = time.monotonic() + timeout
+    with client(api_url) as prefect:
+        while time.monotonic() < deadline:
+            if prefect.read_task_runs(flow_run_filter=in_run, task_run_filter=running, limit=1):
+                return
+            time.sleep(0.5)
+    raise AssertionError(f"no task run of flow run {flow_run_id} was Running within {timeout} s")
 
 
 def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
@@ -46,7 +64,7 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
     # Ctrl-C while the worker runs a long flow: everything stops, and the run is recorded as ended.
     long_run = run_deployment(ui.api_url, "on-demand", {"config": {"train": {"epochs": 20000}, "output_dir": str(outputs)}})
     assert wait_for_state(ui.api_url, long_run, {"Running"}, timeout=300) == "Running"
-    time.sleep(5)  # into the flow's tasks
+    wait_for_a_running_task(ui.api_url, long_run, timeout=300)  # into the flow's tasks
     ui.ctrl_c()
     assert_no_process_left(tag)
     assert not (ui.home / SERVER_RECORD).exists()

@@ -1,14 +1,16 @@
 """A person walks the Prefect UI in a real browser: a custom run from the form, its artifacts, the schedule, the leaderboard.
 
-The screenshots it takes are docs/ui.md's pictures: `make screenshots` runs this test with
-FACEFLOW_SCREENSHOTS=docs/ui; otherwise they go to the test's temporary folder.
+The walk starts at the server's root address in a fresh browser profile, as a new user does, and
+so in the UI Prefect opens for them: V2 (/v2/) since Prefect 3.9. The screenshots it takes are
+docs/ui.md's pictures: `make screenshots` runs this test with FACEFLOW_SCREENSHOTS=docs/ui;
+otherwise they go to the test's temporary folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,58 +31,72 @@ TASK_ARTIFACTS = {
     "faceflow-report", "faceflow-quality", "faceflow-metrics", "faceflow-cache",
 }
 FORM_EPOCHS = "7"
+UI_WAIT_MS = 60_000  # a page on a loaded 2-core machine
+FLOW_RUN_PAGE = re.compile(r"/v2/runs/flow-run/([0-9a-f-]{36})")
 
 
 @contextmanager
 def browser_page() -> Iterator:
+    """A page in a fresh headless Chromium: no profile, so no saved choice of UI, as a new user's browser."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.is_file(), "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
         try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_WAIT_MS)
+            yield page
         finally:
             browser.close()
 
 
-def form_field(page, label: str):
-    """The input of the parameter form's property labelled ``label``."""
-    container = f"//span[normalize-space()='{label}']/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]"
-    return page.locator(f"xpath=({container}//*[self::input or self::textarea])[1]")
+def open_ui(ui: RunningUI, page) -> None:
+    """The root address, typed as a person would; Prefect sends a browser with no preference to V2."""
+    from playwright.sync_api import expect
+
+    page.goto(ui.url + "/")
+    expect(page).to_have_url(re.compile(re.escape(ui.url) + "/v2/"), timeout=UI_WAIT_MS)
 
 
 def rendered_image_widths(page) -> list[int]:
     images = page.locator("img[src^='data:image/png;base64,']")
-    images.first.wait_for(timeout=60_000)
-    page.wait_for_function("() => [...document.images].every(image => image.complete)", timeout=60_000)
+    images.first.wait_for()
+    page.wait_for_function("() => [...document.images].every(image => image.complete)", timeout=UI_WAIT_MS)
     return images.evaluate_all("images => images.map(image => image.naturalWidth)")
 
 
+def tables_running_over(page) -> list[dict]:
+    """Bounding boxes of the artifact's tables that do not fit its panel (so run under the side panel or scroll)."""
+    panel = page.get_by_role("tabpanel")
+    right = (box := panel.bounding_box())["x"] + box["width"]
+    over = []
+    for table in panel.locator("table").all():
+        table_box = table.bounding_box()
+        if table_box["x"] + table_box["width"] > right + 1:  # a pixel of rounding
+            over.append(table_box | {"panel_right": right})
+    return over
+
+
 def run_from_form(ui: RunningUI, page, shots: Path, outputs: Path) -> UUID:
-    """Deployments -> on-demand -> Run -> Custom run -> change Epochs and the output folder -> Submit."""
-    page.goto(ui.url + "/deployments", wait_until="networkidle")
+    """Deployments -> on-demand -> Run -> Custom run -> change Epochs and the output folder -> Submit -> the run."""
+    page.get_by_role("link", name="Deployments", exact=True).click()
+    page.get_by_role("link", name="on-demand", exact=True).wait_for()
+    page.wait_for_load_state("networkidle")
     page.screenshot(path=str(shots / "01-deployments.png"))
     page.get_by_role("link", name="on-demand", exact=True).click()
     page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run", exact=True).click()
-    page.wait_for_load_state("networkidle")
-    form_field(page, "Epochs (Optional)").fill(FORM_EPOCHS)
-    form_field(page, "Output Dir (Optional)").fill(str(outputs))
-    form_field(page, "Epochs (Optional)").scroll_into_view_if_needed()
+    page.get_by_role("menuitem", name="Custom run", exact=True).click()
+    epochs = page.get_by_label("Epochs (Optional)", exact=True)
+    epochs.fill(FORM_EPOCHS)
+    page.get_by_label("Output Dir (Optional)", exact=True).fill(str(outputs))
+    epochs.scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "02-custom-run.png"))
-    with client(ui.api_url) as prefect:
-        before = {run.id for run in prefect.read_flow_runs()}
-    page.get_by_role("button", name="Submit").click()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with client(ui.api_url) as prefect:
-            created = [run for run in prefect.read_flow_runs() if run.id not in before and run.deployment_id]
-        submitted = [run for run in created if run.parameters.get("config", {}).get("train", {}).get("epochs") == int(FORM_EPOCHS)]
-        if submitted:
-            return submitted[0].id
-        time.sleep(0.5)
-    raise AssertionError("the form's Submit created no flow run with the changed epochs")
+    page.get_by_role("button", name="Submit", exact=True).click()
+    # Submit leads back to the deployment and says so in a notice whose link opens the new run.
+    page.get_by_role("link", name="View run", exact=True).click()
+    page.wait_for_url(FLOW_RUN_PAGE)
+    return UUID(FLOW_RUN_PAGE.search(page.url).group(1))
 
 
 @pytest.fixture
@@ -92,51 +108,67 @@ def ui(tmp_path: Path, data_file: Path, prefect_home: Path, tag: str) -> Iterato
 
 
 def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     shots = Path(os.environ.get("FACEFLOW_SCREENSHOTS") or tmp_path / "screenshots").absolute()
     shots.mkdir(parents=True, exist_ok=True)
+    outputs = tmp_path / "outputs"
     with browser_page() as page:
-        flow_run_id = run_from_form(ui, page, shots, tmp_path / "outputs")
+        open_ui(ui, page)
+        flow_run_id = run_from_form(ui, page, shots, outputs)
         assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
         with client(ui.api_url) as prefect:
-            assert prefect.read_flow_run(flow_run_id).parameters["config"]["train"]["epochs"] == int(FORM_EPOCHS)
+            config = prefect.read_flow_run(flow_run_id).parameters["config"]
+        assert config["train"]["epochs"] == int(FORM_EPOCHS) and config["output_dir"] == str(outputs)
+        assert next(outputs.glob("run-*/report.md")).is_file()
 
-        page.goto(f"{ui.url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
-        page.get_by_text("Completed", exact=True).first.wait_for(timeout=60_000)
+        page.reload(wait_until="networkidle")  # the run page as it is now, finished
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+        expect(page.get_by_text("11 Task runs", exact=True)).to_be_visible()
         page.screenshot(path=str(shots / "03-run.png"))
-        page.get_by_text("Artifacts", exact=True).first.click()
-        page.locator("a[href*='/artifacts/artifact/']").first.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Artifacts", exact=True).click()
+        page.locator("a[href*='/v2/artifacts/artifact/']").first.wait_for()
+        page.wait_for_load_state("networkidle")
         page.screenshot(path=str(shots / "04-run-artifacts.png"), full_page=True)
         with client(ui.api_url) as prefect:
             artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         # Keyed: the unkeyed one is Prefect's record of where the flow's own result is stored.
-        published = {artifact.key: artifact.id for artifact in artifacts if artifact.key}
+        published = {artifact.key: artifact for artifact in artifacts if artifact.key}
         assert set(published) == TASK_ARTIFACTS  # one per task, and the run's own cache table
-        for key, artifact_id in published.items():  # each one listed on the run's Artifacts tab
-            assert page.locator(f"a[href='/artifacts/artifact/{artifact_id}']").count() == 1, key
+        for key, artifact in published.items():  # each one listed on the run's Artifacts tab
+            expect(page.locator(f"a[href='/v2/artifacts/artifact/{artifact.id}']"), key).to_have_count(1)
 
-        # Every figure an artifact embeds decodes in the browser.
-        for key in sorted(FIGURE_ARTIFACTS):
-            page.goto(f"{ui.url}/artifacts/artifact/{published[key]}", wait_until="networkidle")
-            widths = rendered_image_widths(page)
-            assert widths and all(width > 100 for width in widths), (key, widths)
-            if key in {"faceflow-training-curve", "faceflow-samples", "faceflow-report"}:
-                page.screenshot(path=str(shots / f"05-{key}.png"), full_page=key != "faceflow-report")
+        # Each artifact opens; every figure it embeds decodes, and every table fits beside the side panel.
+        for key, artifact in sorted(published.items()):
+            page.goto(f"{ui.url}/v2/artifacts/artifact/{artifact.id}", wait_until="networkidle")
+            expect(page.get_by_role("tabpanel")).to_be_visible()
+            if key in FIGURE_ARTIFACTS:
+                widths = rendered_image_widths(page)
+                assert widths and all(width > 100 for width in widths), (key, widths)
+            if artifact.type == "table" or key == "faceflow-report":
+                page.get_by_role("tabpanel").locator("table").first.wait_for()
+                assert not tables_running_over(page), (key, tables_running_over(page))
+            if key in {"faceflow-training-curve", "faceflow-samples", "faceflow-report", "faceflow-quality"}:
+                page.screenshot(path=str(shots / f"05-{key}.png"), full_page=key in {"faceflow-training-curve", "faceflow-samples"})
 
         # The weekly schedule, active, on the retraining deployment's page.
-        page.goto(ui.url + "/deployments", wait_until="networkidle")
+        page.get_by_role("link", name="Deployments", exact=True).click()
         page.get_by_role("link", name="weekly-retrain", exact=True).click()
-        page.get_by_text("At 03:00 AM, only on Monday").first.wait_for(timeout=60_000)
+        # The innermost block holding both the cron's description and a switch: the schedule's own row.
+        schedule = page.locator("div").filter(has_text="At 03:00 AM, only on Monday").filter(has=page.get_by_role("switch")).last
+        expect(schedule.get_by_role("switch")).to_be_checked()
+        page.wait_for_load_state("networkidle")
         page.screenshot(path=str(shots / "06-schedule.png"))
 
         # A retraining run, then its leaderboard.
         retrain = run_deployment(ui.api_url, "weekly-retrain", {
-            "config": {"data": {"validation_per_person": 1}, "train": {"epochs": 5}, "output_dir": str(tmp_path / "outputs")},
+            "config": {"data": {"validation_per_person": 1}, "train": {"epochs": 5}, "output_dir": str(outputs)},
         }, flow="faceflow-retrain")
         assert wait_for_state(ui.api_url, retrain, {"Completed"}, timeout=600) == "Completed"
         with client(ui.api_url) as prefect:
             leaderboard = next(a for a in prefect.read_latest_artifacts() if a.key == "faceflow-leaderboard")
         rows = json.loads(leaderboard.data)
         assert len(rows) == 1 and rows[0]["promoted"] is True and rows[0]["why"] == "first champion"
-        page.goto(f"{ui.url}/artifacts/artifact/{leaderboard.latest_id}", wait_until="networkidle")
-        page.get_by_text("first champion").first.wait_for(timeout=60_000)
+        page.goto(f"{ui.url}/v2/artifacts/artifact/{leaderboard.latest_id}", wait_until="networkidle")
+        expect(page.get_by_role("cell", name="first champion", exact=True)).to_be_visible()
         page.screenshot(path=str(shots / "07-leaderboard.png"))
