@@ -1,14 +1,18 @@
 """Bad input is refused before any work, naming the field or file, writing nothing, leaving no process.
 
-One table of cases, run through both entry points: `faceflow run` (the command line) and the
-flow's own parameter validation (what a deployment run from the UI or a schedule goes through).
+One table of cases, run through every entry point: `faceflow run` (the command line), the flow
+called with a parameter dict, and a deployment run created through the API as the UI's form does
+(its JSON trip, the server's schema check, the worker). "Before any work" is read from the server:
+the run has no task runs, or only the data-reading step, failed on its first attempt.
 """
 
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 import numpy as np
 import pytest
@@ -17,7 +21,9 @@ import scipy.io
 from commands.cli import config_fields, option_name
 from commands.server import local_server
 from conftest import copy_home
-from support import assert_no_process_left, faceflow, tagged_env
+from support import (
+    RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, tagged_env, wait_for_state,
+)
 
 
 def _mat(path: Path, **variables: np.ndarray) -> Path:
@@ -130,16 +136,39 @@ def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path:
 
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> str:
-    from commands.runner import flush_to_api
-
     with local_server(copy_home(migrated_home, tmp_path_factory.mktemp("flow-validation") / "home"), timeout=300) as server:
         yield server.api_url
-        flush_to_api()  # the flows' last logs reach the server before it stops
+
+
+# Data-file cases the flow's parameter validation passes (the file exists): fetch_faces reads and refuses them.
+READ_BY_THE_FIRST_STEP = set(DATA_FILES) - {"a directory", "missing file"}
+
+
+def task_runs_of(api_url: str, flow_run_id: UUID) -> dict[str, tuple[str, int]]:
+    """Task name -> (state, attempts) of every task run the server recorded for ``flow_run_id``."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client(api_url) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: (run.state.name, run.run_count) for run in runs}
+
+
+def assert_refused_before_any_work(case: str, api_url: str, flow_run_id: UUID) -> None:
+    """The server's record of the run: no step ran, or only fetch_faces, failed on its only attempt (no retries)."""
+    from commands.runner import flush_to_api
+
+    flush_to_api()  # task runs reach the server as events
+    expected = {"fetch_faces": ("Failed", 1)} if case in READ_BY_THE_FIRST_STEP else {}
+    deadline = time.monotonic() + 60
+    # Until the server has recorded as many as expected (it records events as they arrive), then no more.
+    while len(recorded := task_runs_of(api_url, flow_run_id)) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert recorded == expected, recorded
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_the_flow_refuses_the_same_input_before_any_work(case: str, tmp_path: Path, data_file: Path, api_url: str) -> None:
-    """A deployment hands the flow a parameter dict: the flow validates it, or its first step refuses the data."""
+    """The flow called with a parameter dict validates it, or its first step refuses the data."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import faceflow_pipeline
@@ -151,3 +180,37 @@ def test_the_flow_refuses_the_same_input_before_any_work(case: str, tmp_path: Pa
         state = faceflow_pipeline(config=values, return_state=True)
     assert state.is_failed() and named in state.message, state.message
     assert not outputs.exists() or not any(outputs.iterdir())
+    assert_refused_before_any_work(case, api_url, state.state_details.flow_run_id)
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrated_home: Path) -> RunningUI:
+    """`make ui`: server, deployments and a worker, for this module's deployment runs."""
+    root, tag = tmp_path_factory.mktemp("deployment-validation"), new_tag()
+    try:
+        running = RunningUI(root, tag, data_file, copy_home(migrated_home, root / "home"))
+        yield running
+        running.ctrl_c()
+        assert_no_process_left(tag)
+    finally:
+        kill_tagged(tag)
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, tmp_path: Path, data_file: Path, ui: RunningUI) -> None:
+    """As the UI's Run form sends it: the server refuses what the flow's schema forbids; the rest fails in the worker's run."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    values, named = all_cases(tmp_path, data_file)[case]
+    outputs = tmp_path / "outputs"
+    try:
+        flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": {"output_dir": str(outputs)} | values})
+    except PrefectHTTPStatusError as refused:
+        assert refused.response.status_code in (409, 422) and named.rsplit(".", 1)[-1] in refused.response.text, refused.response.text
+        return
+    assert wait_for_state(ui.api_url, flow_run_id, {"Failed"}, timeout=300) == "Failed"
+    with client(ui.api_url) as prefect:
+        message = prefect.read_flow_run(flow_run_id).state.message
+    assert named in message, message
+    assert not outputs.exists() or not any(outputs.iterdir())
+    assert_refused_before_any_work(case, ui.api_url, flow_run_id)

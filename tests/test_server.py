@@ -65,7 +65,10 @@ def test_a_signal_during_training_ends_the_run_crashed_and_leaves_nothing(
     assert len(running) == 2, describe(running)  # the command and the server it started
     stop(process)
     # communicate() returns only once every holder of the stdout pipe has closed it: no orphan keeps it.
-    process.communicate(timeout=120)
+    try:
+        process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 120 s after the signal:\n{stderr.read_text()[-5000:]}") from None
     assert process.returncode == exit_code, stderr.read_text()[-3000:]
     assert_no_process_left(tag)
     outputs = tmp_path / "outputs"
