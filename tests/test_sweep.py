@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from support import assert_no_process_left, faceflow, tagged_env, tagged_processes
+from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env, tagged_processes
 
 # Two that train (long enough to be killed mid-way) and one that diverges.
 GOOD_RATES = [0.003, 0.005]
@@ -41,38 +41,50 @@ def home(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> Path:
     return copy_home(migrated_home, tmp_path_factory.mktemp("sweep") / "home")
 
 
-def test_a_sweep_ranks_shares_upstream_and_survives_a_killed_worker_and_a_diverging_configuration(
-    home: Path, tmp_path: Path, data_file: Path, tag: str
-) -> None:
-    env = tagged_env(tag, home, FACEFLOW_DATA_FILE=str(data_file))
-    stderr = tmp_path / "stderr.txt"
-    sweep = subprocess.Popen(
-        faceflow("sweep", str(spec_file(tmp_path, home.parent / "outputs", [*GOOD_RATES, DIVERGING_RATE])), "--workers", "2", "--json"),
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr.open("wb"),
-    )
-    deadline = time.monotonic() + 300
-    while len(dask_workers(tag)) < 2 or "train_realnvp" not in stderr.read_text(errors="replace"):
-        assert sweep.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
-        time.sleep(0.2)
-    time.sleep(2.0)  # into the trainings
-    dask_workers(tag)[0].send_signal(signal.SIGKILL)
-    stdout, _ = sweep.communicate(timeout=600)
-    assert sweep.returncode == 0, stderr.read_text()[-3000:]
-    result = json.loads(stdout.decode().splitlines()[-1])
-    rows = result["rows"]
+@pytest.fixture(scope="module")
+def killed_sweep(home: Path, tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict:
+    """A sweep of two good configurations and a diverging one, one of its 2 Dask workers SIGKILLed mid-training.
+
+    Module-scoped: the repeated sweep below is served from the cache this sweep fills.
+    """
+    folder, tag = tmp_path_factory.mktemp("killed-sweep"), new_tag()
+    # A checkpoint every 0.2 s of training: its file on disk says a training is under way.
+    env = tagged_env(tag, home, FACEFLOW_DATA_FILE=str(data_file), FACEFLOW_CHECKPOINT_SECONDS="0.2")
+    stderr = folder / "stderr.txt"
+    try:
+        sweep = subprocess.Popen(
+            faceflow("sweep", str(spec_file(folder, home.parent / "outputs", [*GOOD_RATES, DIVERGING_RATE])), "--workers", "2", "--json"),
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr.open("wb"),
+        )
+        deadline = time.monotonic() + 300
+        while len(dask_workers(tag)) < 2 or not any((home / "checkpoints").glob("train_realnvp-*.pt")):
+            assert sweep.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.1)
+        dask_workers(tag)[0].send_signal(signal.SIGKILL)  # mid-training
+        stdout, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, stderr.read_text()[-3000:]
+        assert_no_process_left(tag)
+    finally:
+        kill_tagged(tag)
+    return json.loads(stdout.decode().splitlines()[-1])
+
+
+def test_a_sweep_ranks_shares_upstream_and_survives_a_killed_worker_and_a_diverging_configuration(killed_sweep: dict) -> None:
+    rows = killed_sweep["rows"]
     assert [row["rank"] for row in rows] == [1, 2, 3]
     scored = [row for row in rows if row["validation log p"] is not None]
     assert len(scored) == 2 and scored[0]["validation log p"] >= scored[1]["validation log p"]  # validation ranks
     assert rows[-1]["values"] == f"train.learning_rate={DIVERGING_RATE}" and "diverged" in rows[-1]["error"]
     assert "learning_rate" in rows[-1]["error"]
     for task in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader"):  # the shared upstream, once
-        assert result["executions"][task] == {"Completed": 1}, (task, result["executions"])
-    assert result["executions"]["score_model"] == {"Completed": 2}
-    assert_no_process_left(tag)
+        assert killed_sweep["executions"][task] == {"Completed": 1}, (task, killed_sweep["executions"])
+    assert killed_sweep["executions"]["score_model"] == {"Completed": 2}
 
 
-def test_a_repeated_sweep_is_served_from_the_cache_without_a_cluster(home: Path, tmp_path: Path, data_file: Path, tag: str) -> None:
-    """The same good configurations again: every step Cached, read where the flow runs, no Dask worker started."""
+def test_a_repeated_sweep_is_served_from_the_cache_without_a_cluster(
+    home: Path, killed_sweep: dict, tmp_path: Path, data_file: Path, tag: str
+) -> None:
+    """The killed sweep's good configurations again: every step Cached, read where the flow runs, no Dask worker started."""
     env = tagged_env(tag, home, FACEFLOW_DATA_FILE=str(data_file))
     stderr = tmp_path / "stderr.txt"  # a file, not a pipe: nobody reads while the sweep runs, and a full pipe blocks it
     with stderr.open("wb") as output:
