@@ -27,8 +27,13 @@ def format_nats(value: float) -> str:
     return "-inf" if value == -math.inf else ("nan" if math.isnan(value) else f"{value:.2f}")
 
 
+# Two narrow tables rather than one wide one, so each fits the UI's artifact panel.
+PCA_SPACE_COLUMNS = ("method", "heldout_log_prob", "new_people_log_prob", "bits_per_dim", "train_seconds", "detail")
+IMAGE_SPACE_COLUMNS = ("method", "heldout_image_log_prob", "new_people_image_log_prob", "bits_per_pixel")
+
+
 def comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.DataFrame:
-    """The flow beside each baseline: held-out and new-people log p, bits/dim, training seconds."""
+    """The flow beside each baseline in PCA coordinates: held-out and new-people log p, bits/dim, training seconds."""
     flow_row = {
         "method": "faceflow RealNVP",
         "heldout_log_prob": metrics["heldout_log_prob"],
@@ -37,7 +42,19 @@ def comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.D
         "train_seconds": metrics["train_seconds"],
         "detail": f"best epoch {int(metrics['best_epoch'])} of {int(metrics['epochs'])}",
     }
-    return pd.concat([pd.DataFrame([flow_row]), baselines], ignore_index=True)
+    columns = [name for name in PCA_SPACE_COLUMNS if name in baselines.columns]
+    return pd.concat([pd.DataFrame([flow_row]), baselines[columns]], ignore_index=True)
+
+
+def image_comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.DataFrame:
+    """The same models' log p of the pixels (nats per face) and bits per pixel: comparable across PCA bases."""
+    flow_row = {
+        "method": "faceflow RealNVP",
+        "heldout_image_log_prob": metrics["heldout_image_log_prob"],
+        "new_people_image_log_prob": metrics["new_people_image_log_prob"],
+        "bits_per_pixel": metrics["heldout_image_bits_per_pixel"],
+    }
+    return pd.concat([pd.DataFrame([flow_row]), baselines[list(IMAGE_SPACE_COLUMNS)]], ignore_index=True)
 
 
 def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]:
@@ -56,6 +73,8 @@ def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]
             else f"The comparison with the {row.method} is undefined: a log p is not finite."
         )
     lines.append(_new_people_line(metrics, baselines))
+    if "heldout_image_log_prob" in metrics:
+        lines.append(_image_space_line(metrics))
     if "lab recipe" not in set(baselines["method"]):
         lines.append(
             "The lab's original recipe is not re-trained in a default run (about 15 s more); "
@@ -105,26 +124,52 @@ def _new_people_line(metrics: dict[str, float], baselines: pd.DataFrame) -> str:
     )
 
 
+def _image_space_line(metrics: dict[str, float]) -> str:
+    """The flow's log p of the pixels: the figure that holds across PCA bases."""
+    line = (
+        f"In image space (the 4096 pixels: PCA-space log p plus the residual's, an isotropic Gaussian of variance "
+        f"{metrics['pca_residual_variance']:.3g} per discarded dimension), the flow scores "
+        f"{format_nats(metrics['heldout_image_log_prob'])} nats per held-out face "
+        f"({metrics['heldout_image_bits_per_pixel']:.3f} bits/pixel) and "
+        f"{format_nats(metrics['new_people_image_log_prob'])} per new person's face."
+    )
+    return line + (
+        " On one PCA the residual term is the same for every model, so the gaps between models are those of "
+        "PCA space; what the image-space figures add is a scale shared by models of different PCA bases, "
+        "component counts or data."
+    )
+
+
 def report_markdown(
     metrics: dict[str, float],
     comparison: pd.DataFrame,
     findings: list[str],
     image_links: dict[str, str],
     run_name: str,
+    image_comparison: pd.DataFrame | None = None,
 ) -> str:
     """The full report; ``image_links`` maps figure name to a file name or a data URI.
 
-    The table holds only numbers, so it stays narrow in the UI's artifact panel; what each model
-    is (its free-text ``detail``) is listed below it.
+    The tables hold only numbers, so they stay narrow in the UI's artifact panel; what each model
+    is (its free-text ``detail``) is listed below them. ``image_comparison`` (image-space log p)
+    is a second table beside the PCA-space one.
     """
     table = markdown_table(comparison.drop(columns="detail"))
+    if image_comparison is not None:
+        table += (
+            "\n\nThe same models' log p of the **pixels** (nats per face; bits per pixel of the held-out faces), "
+            "comparable across PCA bases and component counts:\n\n"
+            # Models on one PCA differ by thousandths of a bit per pixel: four decimals show it.
+            + markdown_table(image_comparison, decimals={"bits_per_pixel": 4})
+        )
     details = "\n".join(f"- **{row.method}**: {row.detail}" for row in comparison.itertuples() if row.detail)
     sections = [
         f"# faceflow report: {run_name}",
-        "Olivetti faces → PCA → RealNVP (normflows). All log-densities are in nats per face, "
-        "in PCA coordinates, on faces the models never saw: `heldout_log_prob` on held-out images of the "
+        "Olivetti faces → PCA → RealNVP (normflows). All log-densities are in nats per face "
+        "on faces the models never saw: `heldout_log_prob` on held-out images of the "
         "people the models were fitted on, `new_people_log_prob` on every image of people left out of PCA, "
-        "flow and baselines altogether.",
+        "flow and baselines altogether. The first table is in PCA coordinates; the second (`image`) "
+        "is of the 4096 pixels, the PCA residual scored as an isotropic Gaussian (probabilistic PCA).",
         "## Model quality\n\n" + table + ("\n\n" + details if details else ""),
         f"![{FIGURE_CAPTIONS['samples']}]({image_links['samples']})",
         f"![{FIGURE_CAPTIONS['interpolation']}]({image_links['interpolation']})",
@@ -136,13 +181,19 @@ def report_markdown(
     return "\n\n".join(sections) + "\n"
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-style table; floats with two decimals, -inf spelled out."""
-    def cell(value: object) -> str:
+def markdown_table(frame: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """A GitHub-style table; floats with two decimals (or ``decimals[column]``), -inf spelled out."""
+    def cell(value: object, places: int) -> str:
         if isinstance(value, float) and math.isnan(value):
             return "n/a"
+        if isinstance(value, float) and math.isfinite(value):
+            return f"{value:.{places}f}"
         return format_nats(value) if isinstance(value, float) else str(value)
+    places = [(decimals or {}).get(name, 2) for name in frame.columns]
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    rows = [
+        "| " + " | ".join(cell(v, p) for v, p in zip(row, places, strict=True)) + " |"
+        for row in frame.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *rows])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -270,9 +271,9 @@ def score(
     images: Annotated[Path, typer.Argument(help="A .npy of faces: (n, 64, 64) or (n, 4096), values in [0, 1].")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """log p of your own 64x64 faces under the champion, in nats per face (its PCA coordinates)."""
+    """log p of your own 64x64 faces under the champion, in nats per face: of its PCA coordinates, and of the pixels."""
     from tasks.champion import ChampionError
-    from tasks.champion_model import champion_log_prob, read_user_faces
+    from tasks.champion_model import champion_image_log_prob, champion_log_prob, read_user_faces
 
     try:
         faces = read_user_faces(images)
@@ -281,15 +282,26 @@ def score(
         raise typer.Exit(code=2) from None
     try:
         log_p = champion_log_prob(models_dir(), faces)
+        image_log_p = champion_image_log_prob(models_dir(), faces)
     except ChampionError as error:
         typer.echo(f"faceflow score failed: {error}", err=True)
         raise typer.Exit(code=1) from None
     if json_output:
-        typer.echo(json.dumps({"log_prob": [json_safe(v) for v in log_p.tolist()], "mean": json_safe(float(log_p.mean()))}))
+        answer = {"log_prob": [json_safe(v) for v in log_p.tolist()], "mean": json_safe(float(log_p.mean()))}
+        if image_log_p is not None:  # of the 4096 pixels: comparable between champions of different PCAs
+            answer |= {
+                "image_log_prob": [json_safe(v) for v in image_log_p.tolist()],
+                "image_mean": json_safe(float(image_log_p.mean())),
+                "image_bits_per_pixel": json_safe(-float(image_log_p.mean()) / (faces.shape[1] * math.log(2))),
+            }
+        typer.echo(json.dumps(answer))
         return
     for index, value in enumerate(log_p):
-        typer.echo(f"face {index}: {value:.2f}")
-    typer.echo(f"mean log p: {float(log_p.mean()):.2f} nats per face over {len(log_p)} faces")
+        typer.echo(f"face {index}: {value:.2f}" + (f" (pixels: {image_log_p[index]:.2f})" if image_log_p is not None else ""))
+    typer.echo(f"mean log p: {float(log_p.mean()):.2f} nats per face over {len(log_p)} faces (PCA coordinates)")
+    if image_log_p is not None:
+        mean = float(image_log_p.mean())
+        typer.echo(f"mean log p of the pixels: {mean:.2f} nats per face, {-mean / (faces.shape[1] * math.log(2)):.3f} bits per pixel")
 
 
 app.command("score")(score)

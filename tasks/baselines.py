@@ -1,6 +1,7 @@
 """Reference density models on the same split, so the flow's number means something.
 
-Every baseline is a density of PCA coordinates, exactly as the flow's log p is. A baseline with
+Every baseline is a density of PCA coordinates, exactly as the flow's log p is; its image-space
+log p (of the pixels) adds the same probabilistic-PCA residual term (tasks.pca). A baseline with
 a hyperparameter (the KDE's bandwidth, the mixture's component count) chooses it on the split's
 validation faces; a split without any (``validation_per_person`` 0) chooses it by
 cross-validation over the fit faces and refits on all of them. Held-out faces never choose.
@@ -21,6 +22,7 @@ from sklearn.mixture import GaussianMixture
 
 from faceflow.config import BaselineConfig
 from faceflow.keys import content_key
+from tasks.pca import residual_log_density
 from tasks.results import BaselineResult, Baselines, FittedPCA, Split
 
 # Kernel widths in whitened units (each component divided by its std on the fit faces). The
@@ -43,9 +45,12 @@ class FittedBaseline:
     validation_log_prob: float | None
     train_seconds: float
 
-    def result(self, heldout: np.ndarray) -> BaselineResult:
+    def result(self, heldout: np.ndarray, heldout_residual_log_prob: np.ndarray) -> BaselineResult:
+        """Judged on ``heldout`` coordinates; their residuals' log-density makes the image-space figure."""
+        log_p = np.asarray(self.log_prob(heldout), dtype=np.float64)
         return BaselineResult(
-            self.name, float(self.log_prob(heldout).mean()), self.validation_log_prob, self.train_seconds, self.detail
+            self.name, float(log_p.mean()), float((log_p + heldout_residual_log_prob).mean()),
+            self.validation_log_prob, self.train_seconds, self.detail,
         )
 
 
@@ -170,5 +175,6 @@ def fit_baseline_densities(fit: np.ndarray, validation: np.ndarray, config: Base
 def fit_baseline_models(pca: FittedPCA, split: Split, config: BaselineConfig, seed: int) -> Baselines:
     """Every configured baseline, fitted on the fit part and judged on the held-out faces."""
     fit, validation, heldout = (pca.coords[index].astype(np.float64) for index in (split.fit, split.validation, split.heldout))
-    results = [model.result(heldout) for model in fit_baseline_densities(fit, validation, config, seed)]
+    residual = residual_log_density(pca.residual_squared[split.heldout], pca.residual_variance, pca.residual_dim)
+    results = [model.result(heldout, residual) for model in fit_baseline_densities(fit, validation, config, seed)]
     return Baselines(content_key("baselines", pca, split, config, seed), results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import joblib
@@ -29,6 +30,24 @@ def champion_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray:
     coords = pca.transform(np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)).astype(np.float32)
     with torch.no_grad():
         return model.log_prob(torch.from_numpy(coords)).double().numpy()
+
+
+def champion_image_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray | None:
+    """log p of the pixels themselves (nats per face): the champion's PCA-space log p plus the residual's.
+
+    sigma^2 is the one its run fitted (``pca_residual_variance`` in its metrics.json); None for a
+    champion promoted before image-space log p existed.
+    """
+    from tasks.pca import pixel_scores
+
+    metrics = champion_path(models_dir) / "metrics.json"
+    variance = json.loads(metrics.read_text()).get("pca_residual_variance") if metrics.is_file() else None
+    if not isinstance(variance, (int, float)) or not variance > 0:
+        return None
+    model, pca = load_champion_model(models_dir)
+    coords, residual = pixel_scores(pca, pixels, float(variance))
+    with torch.no_grad():
+        return model.log_prob(torch.from_numpy(coords)).double().numpy() + residual
 
 
 def champion_samples(models_dir: Path, n: int, temperature: float, seed: int) -> np.ndarray:

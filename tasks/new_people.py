@@ -11,7 +11,7 @@ from faceflow.keys import content_key
 from tasks.baselines import fit_baseline_models
 from tasks.data import split_indices
 from tasks.model import trained_model
-from tasks.pca import fit_pca_on
+from tasks.pca import fit_pca_on, image_log_prob
 from tasks.results import Faces, NewPeople, NewPeopleFold, Split
 from tasks.score import flow_log_prob
 from tasks.train import make_batches, train_flow
@@ -46,6 +46,7 @@ def evaluate_fold(
     pca = fit_pca_on(faces, split, pca_config)
     trained = train_flow(make_batches(pca, split, train, seed), train, seed, device=device, cancelled=cancelled)
     log_p = flow_log_prob(trained_model(trained), pca.coords[split.heldout])
+    image_log_p = image_log_prob(pca, log_p, split.heldout)  # through this fold's PCA, which never saw them
     heldout_people = faces.target[split.heldout]
     # The lab recipe takes 15 s and is no baseline worth beating; the new-people figure leaves it out.
     fitted = fit_baseline_models(pca, split, baselines.model_copy(update={"include_lab_recipe": False}), seed)
@@ -55,6 +56,8 @@ def evaluate_fold(
         baseline_log_prob={result.name: result.heldout_log_prob for result in fitted.results},
         person_flow_log_prob=[float(log_p[heldout_people == person].mean()) for person in people],
         train_seconds=trained.seconds,
+        flow_image_log_prob=float(image_log_p.mean()),
+        baseline_image_log_prob={result.name: result.heldout_image_log_prob for result in fitted.results},
     )
 
 

@@ -45,6 +45,7 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
     from_target, chosen = choose_n_components(cumulative, config)
     pca = PCA(n_components=chosen, svd_solver="full").fit(train_pixels)
     coords = pca.transform(faces.flat).astype(np.float32)
+    residual_squared = squared_residuals(pca, faces.flat)
     return FittedPCA(
         key=content_key("pca", faces, split, config),
         estimator=estimator_bytes(pca),
@@ -52,7 +53,48 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
         cumulative_variance=cumulative,
         variance_target=config.variance,
         components_for_target=from_target,
+        residual_squared=residual_squared,
+        residual_variance=residual_variance(residual_squared[split.fit], faces.flat.shape[1] - chosen),
+        n_pixels=int(faces.flat.shape[1]),
     )
+
+
+def squared_residuals(pca: PCA, pixels: np.ndarray) -> np.ndarray:
+    """||x - reconstruction(x)||^2 per face, in float64: the part of each face the basis leaves out."""
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)
+    basis = np.asarray(pca.components_, dtype=np.float64)  # orthonormal rows
+    centred = pixels - np.asarray(pca.mean_, dtype=np.float64)
+    residual = centred - (centred @ basis.T) @ basis
+    return np.einsum("ij,ij->i", residual, residual)
+
+
+def residual_variance(fit_residual_squared: np.ndarray, residual_dim: int) -> float:
+    """Probabilistic PCA's sigma^2: the fit faces' squared residual per face and per discarded dimension."""
+    return float(np.sum(fit_residual_squared) / (len(fit_residual_squared) * residual_dim))
+
+
+def residual_log_density(residual_squared: np.ndarray, variance: float, residual_dim: int) -> np.ndarray:
+    """log N(r; 0, variance * I) of residuals r in ``residual_dim`` dimensions, from their squared norms.
+
+    Adding it to the log p of a face's PCA coordinates gives the log p of its pixels: the
+    orthonormal basis makes x -> (coordinates, residual) a rotation and shift, Jacobian 1.
+    """
+    squared = np.asarray(residual_squared, dtype=np.float64)
+    return -0.5 * residual_dim * np.log(2 * np.pi * variance) - squared / (2 * variance)
+
+
+def image_log_prob(fitted: FittedPCA, coord_log_prob: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """log p of faces ``index``'s pixels, given the log p of their PCA coordinates: nats per face."""
+    residual = residual_log_density(fitted.residual_squared[index], fitted.residual_variance, fitted.residual_dim)
+    return np.asarray(coord_log_prob, dtype=np.float64) + residual
+
+
+def pixel_scores(pca: PCA, pixels: np.ndarray, variance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 PCA coordinates, residual log-density) of any flattened faces, under a fitted PCA and sigma^2."""
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)
+    coords = pca.transform(pixels).astype(np.float32)
+    residual_dim = pixels.shape[1] - pca.n_components_
+    return coords, residual_log_density(squared_residuals(pca, pixels), variance, residual_dim)
 
 
 def pca_rule(fitted: FittedPCA, config: PCAConfig) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from artifacts import figures
 from artifacts.markdown import data_uri
-from artifacts.report import FIGURES, comparison_table, conclusions, report_markdown
+from artifacts.report import FIGURES, comparison_table, conclusions, image_comparison_table, report_markdown
 from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
 from tasks.results import (
@@ -28,7 +28,8 @@ class BuiltReport:
 
     files: dict[str, bytes]
     markdown: str
-    comparison: pd.DataFrame
+    comparison: pd.DataFrame  # PCA space
+    image_comparison: pd.DataFrame  # image space (pixels)
     metrics: dict[str, float]
 
 
@@ -38,6 +39,7 @@ def run_metrics(
 ) -> dict[str, float]:
     """Every number the run is judged by, flat, for the CLI, the artifacts and metrics.json."""
     heldout = scores.mean_log_prob("heldout")
+    heldout_image = scores.mean_log_prob("heldout", image=True)
     closest_heldout = float(samples.heldout_nearest_train_distance.min())
     metrics = {
         "heldout_log_prob": heldout,
@@ -62,12 +64,22 @@ def run_metrics(
         "new_people_bits_per_dim": bits_per_dim(new_people.flow_log_prob, scores.dim),
         "new_people_count": float(len(new_people.person_flow_log_prob)),
         "new_people_folds": float(len(new_people.folds)),
+        # Image space: log p of the 4096 pixels (PCA-space log p + the residual's under probabilistic PCA).
+        "heldout_image_log_prob": heldout_image,
+        "heldout_image_bits_per_pixel": bits_per_dim(heldout_image, scores.pixels),
+        "validation_image_log_prob": scores.mean_log_prob("validation", image=True),
+        "fit_image_log_prob": scores.mean_log_prob("fit", image=True),
+        "new_people_image_log_prob": new_people.flow_image_log_prob,
+        "new_people_image_bits_per_pixel": bits_per_dim(new_people.flow_image_log_prob, scores.pixels),
+        "pca_residual_variance": pca.residual_variance,
     }
     for result in baselines.results:
         name = _metric_name(result.name)
         metrics[f"baseline_{name}_heldout_log_prob"] = result.heldout_log_prob
+        metrics[f"baseline_{name}_heldout_image_log_prob"] = result.heldout_image_log_prob
         if result.name in new_people.folds[0].baseline_log_prob:
             metrics[f"baseline_{name}_new_people_log_prob"] = new_people.baseline_log_prob(result.name)
+            metrics[f"baseline_{name}_new_people_image_log_prob"] = new_people.baseline_image_log_prob(result.name)
     return metrics
 
 
@@ -75,7 +87,7 @@ def _metric_name(method: str) -> str:
     return method.replace(" ", "_").lower()
 
 
-def baseline_frame(baselines: Baselines, dim: int, new_people: NewPeople) -> pd.DataFrame:
+def baseline_frame(baselines: Baselines, dim: int, new_people: NewPeople, pixels: int) -> pd.DataFrame:
     """One row per baseline; the lab recipe has no new-people figure (it is not retrained per fold)."""
     measured = new_people.folds[0].baseline_log_prob
     return pd.DataFrame(
@@ -86,6 +98,11 @@ def baseline_frame(baselines: Baselines, dim: int, new_people: NewPeople) -> pd.
                 "new_people_log_prob": new_people.baseline_log_prob(r.name) if r.name in measured else float("nan"),
                 "bits_per_dim": bits_per_dim(r.heldout_log_prob, dim),
                 "train_seconds": r.train_seconds,
+                "heldout_image_log_prob": r.heldout_image_log_prob,
+                "new_people_image_log_prob": (
+                    new_people.baseline_image_log_prob(r.name) if r.name in measured else float("nan")
+                ),
+                "bits_per_pixel": bits_per_dim(r.heldout_image_log_prob, pixels),
                 "detail": r.detail,
             }
             for r in baselines.results
@@ -122,13 +139,14 @@ def build_report(
 ) -> BuiltReport:
     """The report and every file of the run folder; ``config`` is recorded as config.json."""
     metrics = run_metrics(trained, pca, scores, samples, baselines, new_people)
-    baseline_table = baseline_frame(baselines, pca.n_components, new_people)
+    baseline_table = baseline_frame(baselines, pca.n_components, new_people, pca.n_pixels)
     comparison = comparison_table(metrics, baseline_table)
+    image_comparison = image_comparison_table(metrics, baseline_table)
     findings = conclusions(metrics, baseline_table)
     pngs = render_figures(trained, pca, scores, samples, interpolation)
-    on_disk = report_markdown(metrics, comparison, findings, FIGURES, run_name)
+    on_disk = report_markdown(metrics, comparison, findings, FIGURES, run_name, image_comparison)
     embedded = report_markdown(
-        metrics, comparison, findings, {name: data_uri(png) for name, png in pngs.items()}, run_name
+        metrics, comparison, findings, {name: data_uri(png) for name, png in pngs.items()}, run_name, image_comparison
     )
     history = trained.history
     files = {FIGURES[name]: png for name, png in pngs.items()} | {
@@ -144,4 +162,4 @@ def build_report(
         "pca.joblib": pca.estimator,
         "model.pt": trained.checkpoint,
     }
-    return BuiltReport(files, embedded, comparison, metrics)
+    return BuiltReport(files, embedded, comparison, image_comparison, metrics)

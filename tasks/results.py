@@ -63,10 +63,18 @@ class FittedPCA:
     cumulative_variance: np.ndarray  # of the full-rank PCA on the fit part
     variance_target: float
     components_for_target: int  # before the power-of-two rounding
+    # Probabilistic PCA's noise model for what the basis leaves out (tasks.pca.residual_log_density):
+    residual_squared: np.ndarray  # (400,) float64 ||x - reconstruction||^2 of every face, in pixels
+    residual_variance: float  # sigma^2: the fit faces' mean squared residual per discarded dimension
+    n_pixels: int  # 4096; the residual lives in n_pixels - n_components dimensions
 
     @property
     def n_components(self) -> int:
         return int(self.coords.shape[1])
+
+    @property
+    def residual_dim(self) -> int:
+        return self.n_pixels - self.n_components
 
     @property
     def variance_kept(self) -> float:
@@ -120,7 +128,8 @@ class TrainedFlow:
 @dataclass(frozen=True)
 class BaselineResult:
     name: str
-    heldout_log_prob: float
+    heldout_log_prob: float  # nats per face, PCA coordinates
+    heldout_image_log_prob: float  # nats per face, pixels (PCA-space log p + the residual's; tasks.pca)
     validation_log_prob: float | None  # of the chosen setting; cross-validated on the fit faces without validation faces
     train_seconds: float
     detail: str
@@ -141,6 +150,9 @@ class NewPeopleFold:
     baseline_log_prob: dict[str, float]
     person_flow_log_prob: list[float]  # one mean per person, in the order of ``people``
     train_seconds: float
+    # The same in image space (pixels, through the fold's own PCA and its residual variance).
+    flow_image_log_prob: float
+    baseline_image_log_prob: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,13 @@ class NewPeople:
 
     def baseline_log_prob(self, name: str) -> float:
         return float(np.mean([fold.baseline_log_prob[name] for fold in self.folds]))
+
+    @property
+    def flow_image_log_prob(self) -> float:
+        return float(np.mean([fold.flow_image_log_prob for fold in self.folds]))
+
+    def baseline_image_log_prob(self, name: str) -> float:
+        return float(np.mean([fold.baseline_image_log_prob[name] for fold in self.folds]))
 
     @property
     def person_flow_log_prob(self) -> list[float]:
@@ -187,7 +206,11 @@ class Interpolation:
 
 @dataclass(frozen=True)
 class Scores:
-    """One entry per scored face: its part (fit, validation, heldout, sample), index, person and log p."""
+    """One entry per scored face: its part (fit, validation, heldout, sample), index, person and log p.
+
+    ``log_prob`` is the density of the face's PCA coordinates (``dim`` of them); ``image_log_prob``
+    the density of its ``pixels`` pixels: that plus the residual's under probabilistic PCA.
+    """
 
     key: str
     part: np.ndarray  # str
@@ -195,13 +218,15 @@ class Scores:
     person: np.ndarray  # -1 for samples
     log_prob: np.ndarray  # nats; -inf where not finite
     dim: int
+    image_log_prob: np.ndarray  # nats; -inf where not finite
+    pixels: int
 
-    def of(self, part: str) -> np.ndarray:
-        return self.log_prob[self.part == part]
+    def of(self, part: str, image: bool = False) -> np.ndarray:
+        return (self.image_log_prob if image else self.log_prob)[self.part == part]
 
-    def mean_log_prob(self, part: str) -> float:
+    def mean_log_prob(self, part: str, image: bool = False) -> float:
         """Mean in nats per face; -inf when any face's log p is not finite, nan for an empty part."""
-        values = self.of(part)
+        values = self.of(part, image)
         if not len(values):
             return math.nan
         return float(values.mean()) if np.isfinite(values).all() else -math.inf
@@ -211,8 +236,11 @@ class Scores:
 
     def rows(self) -> list[dict[str, object]]:
         return [
-            {"part": str(part), "index": int(index), "person": int(person), "log_prob": float(log_prob)}
-            for part, index, person, log_prob in zip(self.part, self.index, self.person, self.log_prob, strict=True)
+            {"part": str(part), "index": int(index), "person": int(person), "log_prob": float(log_prob),
+             "image_log_prob": float(image_log_prob)}
+            for part, index, person, log_prob, image_log_prob in zip(
+                self.part, self.index, self.person, self.log_prob, self.image_log_prob, strict=True
+            )
         ]
 
 
@@ -224,6 +252,9 @@ class ModelScore:
     validation_log_prob: float
     heldout_log_prob: float
     train_seconds: float
+    # The same in image space: comparable between models of different PCA component counts.
+    validation_image_log_prob: float
+    heldout_image_log_prob: float
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
     pca = fit_pca_on(faces, split, config)
     figure = figures.explained_variance(pca.cumulative_variance, pca.variance_target, pca.components_for_target, pca.n_components)
     publish_figure("faceflow-pca", "PCA: cumulative explained variance", figures.png_bytes(figure),
-                   "Components kept and why", pca_rule(pca, config))
+                   "Components kept and why", pca_rule(pca, config)
+                   + f" Residual variance (image-space log p's noise model): {pca.residual_variance:.3g} per pixel.")
     return pca
 
 
@@ -149,9 +150,11 @@ def fit_baselines(pca: FittedPCA, split: Split, config: BaselineConfig, seed: in
     baselines = fit_baseline_models(pca, split, config, seed)
     # Numbers only, so the table fits the UI's artifact panel; what each chose (free text) is in the description.
     publish_table("faceflow-baselines", [
-        {"method": r.name, "held-out": r.heldout_log_prob, "validation": r.validation_log_prob, "seconds": r.train_seconds}
+        {"method": r.name, "held-out": r.heldout_log_prob, "validation": r.validation_log_prob, "seconds": r.train_seconds,
+         "held-out pixels": r.heldout_image_log_prob}
         for r in baselines.results
-    ], "Baseline densities on the same PCA coordinates, log p in nats per face. Chosen on validation: "
+    ], "Baseline densities on the same PCA coordinates, log p in nats per face; 'held-out pixels' is the "
+       "image-space log p (PCA residual as an isotropic Gaussian). Chosen on validation: "
        + "; ".join(f"{r.name}: {r.detail}" for r in baselines.results))
     return baselines
 
@@ -195,7 +198,8 @@ def score_log_prob(trained: TrainedFlow, pca: FittedPCA, faces: Faces, split: Sp
         {"part": part, "faces": len(values), "mean log p": scores.mean_log_prob(part),
          "lowest": float(values.min()), "highest": float(values.max())}
         for part in ("fit", "validation", "heldout", "sample") if len(values := scores.of(part))
-    ], "log p per part (nats per face); every face's score is in the run folder's scores.csv")
+    ], "log p per part (nats per face, PCA coordinates); every face's score, and its image-space log p "
+       "(of the pixels), is in the run folder's scores.csv")
     return scores
 
 
@@ -234,7 +238,8 @@ def report(
     # Numbers only, so the table fits the UI's artifact panel; each model's free-text detail is
     # listed below the same table in faceflow-report.
     publish_table("faceflow-quality", built.comparison.drop(columns="detail").to_dict(orient="records"),
-                  "Held-out and new-people log p (nats per face): flow vs baselines; what each model is: faceflow-report")
+                  "Held-out and new-people log p (nats per face, PCA coordinates): flow vs baselines; the same of the "
+                  "pixels (image space) and what each model is: faceflow-report")
     publish_table("faceflow-metrics", [{"metric": k, "value": v} for k, v in built.metrics.items()], "Run metrics")
     return RunReport(
         content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people),

@@ -11,7 +11,7 @@ import pytest
 
 from artifacts import figures
 from artifacts.run_folder import write_run_folder
-from artifacts.report import comparison_table, conclusions, markdown_table
+from artifacts.report import FIGURES, comparison_table, conclusions, image_comparison_table, markdown_table, report_markdown
 from artifacts.tables import readable, readable_rows
 
 METRICS = {
@@ -19,14 +19,19 @@ METRICS = {
     "epochs": 100.0, "n_components": 64.0, "heldout_nonfinite": 0.0, "nonfinite_steps": 0.0,
     "sample_nearest_distance_median": 0.10, "heldout_nearest_distance_median": 0.08,
     "samples_closer_than_any_heldout": 0.0, "new_people_log_prob": -60.0, "new_people_count": 4.0, "new_people_folds": 1.0,
+    "heldout_image_log_prob": 5300.0, "heldout_image_bits_per_pixel": -1.867, "new_people_image_log_prob": 5100.0,
+    "pca_residual_variance": 0.00185,
 }
 BASELINES = pd.DataFrame([
     {"method": "diagonal Gaussian", "heldout_log_prob": -56.0, "new_people_log_prob": -70.0, "bits_per_dim": 1.26,
-     "train_seconds": 0.0, "detail": ""},
+     "train_seconds": 0.0, "heldout_image_log_prob": 5284.0, "new_people_image_log_prob": 5090.0, "bits_per_pixel": -1.861,
+     "detail": ""},
     {"method": "GaussianMixture", "heldout_log_prob": -30.0, "new_people_log_prob": -65.5, "bits_per_dim": 0.7,
-     "train_seconds": 1.0, "detail": ""},
+     "train_seconds": 1.0, "heldout_image_log_prob": 5310.0, "new_people_image_log_prob": 5094.5, "bits_per_pixel": -1.870,
+     "detail": ""},
     {"method": "lab recipe", "heldout_log_prob": -50.0, "new_people_log_prob": float("nan"), "bits_per_dim": 1.1,
-     "train_seconds": 15.0, "detail": ""},
+     "train_seconds": 15.0, "heldout_image_log_prob": 5290.0, "new_people_image_log_prob": float("nan"),
+     "bits_per_pixel": -1.863, "detail": ""},
 ])
 
 
@@ -49,6 +54,20 @@ def test_new_people_are_reported_beside_the_known_people_against_the_best_baseli
     table = markdown_table(comparison_table(METRICS, BASELINES))
     assert table.splitlines()[0].startswith("| method | heldout_log_prob | new_people_log_prob |")
     assert "| lab recipe | -50.00 | n/a |" in table
+
+
+def test_image_space_figures_are_a_second_narrow_table_beside_the_pca_space_one() -> None:
+    pca_table = markdown_table(comparison_table(METRICS, BASELINES).drop(columns="detail"))
+    image_table = markdown_table(image_comparison_table(METRICS, BASELINES), decimals={"bits_per_pixel": 4})
+    assert "image" not in pca_table.splitlines()[0] and "bits_per_pixel" not in pca_table
+    assert image_table.splitlines()[0] == "| method | heldout_image_log_prob | new_people_image_log_prob | bits_per_pixel |"
+    assert "| faceflow RealNVP | 5300.00 | 5100.00 | -1.8670 |" in image_table
+    assert "| lab recipe | 5290.00 | n/a | -1.8630 |" in image_table
+    links = {name: f"{name}.png" for name in FIGURES}
+    report = report_markdown(METRICS, comparison_table(METRICS, BASELINES), [], links, "run-x", image_comparison_table(METRICS, BASELINES))
+    assert report.index(pca_table) < report.index(image_table)
+    line = next(line for line in conclusions(METRICS, BASELINES) if line.startswith("In image space"))
+    assert "5300.00 nats per held-out face (-1.867 bits/pixel) and 5100.00 per new person's face" in line
 
 
 def test_non_finite_log_prob_is_shown_not_crashed_on() -> None:

@@ -116,7 +116,10 @@ def test_run_folder_holds_every_output(first_run: dict) -> None:
 
 def test_metrics_are_numbers(first_run: dict) -> None:
     metrics = first_run["metrics"]
-    for name in ("heldout_log_prob", "heldout_bits_per_dim", "new_people_log_prob", "train_seconds"):
+    for name in ("heldout_log_prob", "heldout_bits_per_dim", "new_people_log_prob", "train_seconds",
+                 "heldout_image_log_prob", "heldout_image_bits_per_pixel", "new_people_image_log_prob",
+                 "new_people_image_bits_per_pixel", "baseline_gaussian_kde_heldout_image_log_prob",
+                 "baseline_gaussian_kde_new_people_image_log_prob"):
         assert isinstance(metrics[name], float) and np.isfinite(metrics[name])
     assert metrics["n_components"] == 64 and metrics["epochs"] == 3
 
