@@ -12,7 +12,8 @@ from prefect.runtime import flow_run
 from prefect.variables import Variable
 from pydantic import Field
 
-from artifacts.publish import publish_markdown, publish_table
+from artifacts.publish import publish_markdown
+from artifacts.rankings import leaderboard_markdown
 from faceflow.config import DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.settings import models_dir
@@ -101,5 +102,9 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
 
 
 def _publish_leaderboard(rows: list[dict[str, object]], reason: str) -> None:
-    publish_table("faceflow-leaderboard", rows[::-1], "Every challenger, newest first: promoted or not, and why")
+    """The leaderboard (every challenger, newest first) and this run's decision, as artifacts."""
+    # Markdown, not a table artifact: a table with the free text (challenger, why, run folder)
+    # ran past the UI's artifact panel; the text goes in a list below a table of numbers.
+    publish_markdown("faceflow-leaderboard", leaderboard_markdown(rows),
+                     "Every challenger, newest first: its log p, promoted or not, and why")
     publish_markdown("faceflow-decision", f"### Retraining decision\n\n{reason}\n", "Why this run's challenger was promoted or not")

@@ -21,7 +21,8 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 from pydantic import Field
 
-from artifacts.publish import publish_table, start_progress, update_progress
+from artifacts.publish import publish_markdown, start_progress, update_progress
+from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached
 from faceflow.config import FaceflowConfig
 from faceflow.sweeps import SweepSpec, expand
@@ -49,8 +50,10 @@ def sweep_task_runner(address: str | None = None, workers: int | None = None) ->
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-        "n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
-        "dashboard_address": ":0",  # any free port: a fixed one would collide with a second sweep
+        "n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        # Any free port (a fixed one would collide with a second sweep), on loopback: ":0" listened
+        # on every interface, and the dashboard shows the sweep's code and data to anyone who can reach it.
+        "dashboard_address": "127.0.0.1:0",
     })
 
 
@@ -188,12 +191,20 @@ def faces_sweep(
         logger.info(f"sweep: {done} of {len(prepared)} done; configuration {item.number} ({rows[-1]['values']}): "
                     f"validation log p {rows[-1]['validation log p']}{'  ' + rows[-1]['error'] if rows[-1]['error'] else ''}")
     ranked = _rank(rows)
-    publish_table("faceflow-sweep", ranked, "Configurations ranked by validation log p; held-out log p beside it, never used to rank")
+    publish_ranking(ranked)
     promotion = None
     if promote and ranked[0]["validation log p"] is not None:
         best = prepared[ranked[0]["configuration"] - 1].config
         promotion = challenge(best, promotion_margin, seed=best.seed, source=f"sweep configuration {ranked[0]['configuration']}")
     return SweepResult(ranked, steps.counts, promotion)
+
+
+def publish_ranking(ranked: list[dict[str, Any]]) -> None:
+    """The ranked configurations as the `faceflow-sweep` artifact."""
+    # Markdown, not a table artifact: the configurations' values and errors (free text) made the
+    # table run past the UI's artifact panel; they go in a list below a table of numbers.
+    publish_markdown("faceflow-sweep", sweep_markdown(ranked),
+                     "Configurations ranked by validation log p; held-out log p beside it, never used to rank")
 
 
 def _as_they_finish(prepared: list[_Configuration], pending: list[PrefectFuture]) -> Iterator[_Configuration]:

@@ -43,6 +43,23 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
+def listening_addresses(tag: str) -> set[str]:
+    """The addresses every process carrying ``tag`` listens on, as "ip:port"."""
+    found = set()
+    for process in tagged_processes(tag):
+        try:
+            sockets = process.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {f"{s.laddr.ip}:{s.laddr.port}" for s in sockets if s.status == psutil.CONN_LISTEN}
+    return found
+
+
+def only_loopback(addresses: set[str]) -> bool:
+    """Whether every address is on 127.0.0.1: nothing a faceflow command starts is reachable from another machine."""
+    return all(address.rsplit(":", 1)[0] == "127.0.0.1" for address in addresses)
+
+
 def describe(processes: list[psutil.Process]) -> str:
     lines = []
     for process in processes:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artifacts.tables import readable_rows
+from artifacts.rankings import short_time
+from artifacts.report import format_nats
 from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
@@ -114,11 +115,26 @@ def test_the_variable_and_the_champion_folder_agree(retrained: dict) -> None:
     assert (Path(record.run_folder) / "model.pt").read_bytes() == (folder / "model.pt").read_bytes()
 
 
+def _table_and_list(markdown: str) -> tuple[list[list[str]], list[str]]:
+    """A markdown artifact's table rows (cells, header and rule left out) and its list items, in order."""
+    lines = markdown.splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    return table[2:], [line.removeprefix("- ") for line in lines if line.startswith("- ")]
+
+
 def test_the_leaderboard_lists_every_challenger(retrained: dict) -> None:
-    rows = json.loads(retrained["artifacts"]["faceflow-leaderboard"].data)
-    assert len(rows) == 3 and [row["promoted"] for row in rows] == [True, False, True][::-1]  # newest first
-    assert all(row["why"] and row["seed"] for row in rows) and len({row["seed"] for row in rows}) == 3
-    assert readable_rows(json.loads((retrained["models"] / "leaderboard.json").read_text())[::-1]) == rows
+    """The artifact shows every row of models/leaderboard.json, newest first: its numbers in the table, its text below."""
+    artifact = retrained["artifacts"]["faceflow-leaderboard"]
+    saved = json.loads((retrained["models"] / "leaderboard.json").read_text())
+    assert len(saved) == 3 and [row["promoted"] for row in saved] == [True, False, True]  # the file: oldest first
+    assert all(row["why"] and row["seed"] for row in saved) and len({row["seed"] for row in saved}) == 3
+    table, items = _table_and_list(artifact.data)
+    assert artifact.type == "markdown" and len(table) == len(items) == 3
+    for cells, item, (number, row) in zip(table, items, list(enumerate(saved, start=1))[::-1], strict=True):
+        assert cells == [str(number), short_time(row["time"]), str(row["seed"]), f"{row['validation log p']:.2f}",
+                         f"{row['held-out log p']:.2f}", format_nats(row["champion validation log p"]) if number > 1 else "–",
+                         "yes" if row["promoted"] else "no"]
+        assert item == f"**#{number}** {row['challenger']}: {row['why']}; run folder `{row['run folder']}`"
 
 
 def _run(*arguments: str, models: Path, cwd: Path) -> subprocess.CompletedProcess:

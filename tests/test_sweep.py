@@ -12,7 +12,9 @@ import psutil
 import pytest
 import yaml
 
-from support import assert_no_process_left, faceflow, kill_tagged, new_tag, tagged_env, tagged_processes
+from support import (
+    assert_no_process_left, faceflow, kill_tagged, listening_addresses, new_tag, only_loopback, tagged_env, tagged_processes,
+)
 
 # Two that train (long enough to be killed mid-way) and one that diverges.
 GOOD_RATES = [0.003, 0.005]
@@ -60,13 +62,14 @@ def killed_sweep(home: Path, tmp_path_factory: pytest.TempPathFactory, data_file
         while len(dask_workers(tag)) < 2 or not any((home / "checkpoints").glob("train_realnvp-*.pt")):
             assert sweep.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
             time.sleep(0.1)
+        listening = listening_addresses(tag)  # the server, the Dask scheduler, its workers and dashboard
         dask_workers(tag)[0].send_signal(signal.SIGKILL)  # mid-training
         stdout, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 0, stderr.read_text()[-3000:]
         assert_no_process_left(tag)
     finally:
         kill_tagged(tag)
-    return json.loads(stdout.decode().splitlines()[-1])
+    return json.loads(stdout.decode().splitlines()[-1]) | {"listening": listening}
 
 
 def test_a_sweep_ranks_shares_upstream_and_survives_a_killed_worker_and_a_diverging_configuration(killed_sweep: dict) -> None:
@@ -79,6 +82,10 @@ def test_a_sweep_ranks_shares_upstream_and_survives_a_killed_worker_and_a_diverg
     for task in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader"):  # the shared upstream, once
         assert killed_sweep["executions"][task] == {"Completed": 1}, (task, killed_sweep["executions"])
     assert killed_sweep["executions"]["score_model"] == {"Completed": 2}
+
+
+def test_a_sweep_listens_on_loopback_only(killed_sweep: dict) -> None:
+    assert len(killed_sweep["listening"]) >= 4 and only_loopback(killed_sweep["listening"]), killed_sweep["listening"]
 
 
 def test_a_repeated_sweep_is_served_from_the_cache_without_a_cluster(

@@ -11,8 +11,8 @@ from uuid import UUID
 
 from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
 from support import (
-    RunningUI, assert_no_process_left, client, faceflow, run_deployment, tagged_processes,
-    wait_for_state,
+    RunningUI, assert_no_process_left, client, faceflow, listening_addresses, only_loopback, run_deployment,
+    tagged_processes, wait_for_state,
 )
 
 QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
@@ -45,6 +45,8 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
         assert [w.status for w in prefect.read_workers_for_work_pool("faceflow-local")] == ["ONLINE"]
     record = json.loads((ui.home / SERVER_RECORD).read_text())
     assert record["api_url"] == ui.api_url
+    listening = listening_addresses(tag)  # the server and UI; the worker listens on nothing
+    assert f"127.0.0.1:{ui.port}" in listening and only_loopback(listening), listening
 
     # A run through the API, as the UI's Run button makes one, executed by the worker.
     outputs = tmp_path / "outputs"

@@ -1,5 +1,7 @@
 """A person walks the Prefect UI in a real browser: a custom run from the form, its artifacts, the schedule, the leaderboard.
 
+Every table an artifact shows must end inside the artifact panel, a sweep's ranking included.
+
 The walk starts at the server's root address in a fresh browser profile, as a new user does, and
 so in the UI Prefect opens for them: V2 (/v2/) since Prefect 3.9. The screenshots it takes are
 docs/ui.md's pictures: `make screenshots` runs this test with FACEFLOW_SCREENSHOTS=docs/ui;
@@ -12,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
@@ -19,6 +22,7 @@ from uuid import UUID
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from artifacts.rankings import short_time
 from support import RunningUI, assert_no_process_left, client, run_deployment, wait_for_state
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,6 +37,20 @@ TASK_ARTIFACTS = {
 FORM_EPOCHS = "7"
 UI_WAIT_MS = 60_000  # a page on a loaded 2-core machine
 FLOW_RUN_PAGE = re.compile(r"/v2/runs/flow-run/([0-9a-f-]{36})")
+# Ranked rows as faces_sweep makes them, with long values and a long error as a random search and a
+# diverged configuration give: a real sweep on Dask would take this walk minutes more.
+SWEEP_ROWS: list[dict[str, object]] = [
+    {"rank": 1, "configuration": 3, "values": "train.learning_rate=0.003, train.num_layers=4, train.input_noise=0.4137, "
+     "train.weight_decay=0.08312, train.hidden_units=384", "validation log p": -55.8123, "held-out log p": -57.0211,
+     "train seconds": 41.73, "error": ""},
+    {"rank": 2, "configuration": 1, "values": "train.learning_rate=0.003, train.num_layers=3, train.input_noise=0.3519, "
+     "train.weight_decay=0.2114, train.hidden_units=192", "validation log p": -56.4391, "held-out log p": -56.9804,
+     "train seconds": 35.02, "error": ""},
+    {"rank": 3, "configuration": 2, "values": "train.learning_rate=0.005, train.num_layers=4, train.input_noise=0.3044, "
+     "train.weight_decay=0.01127, train.hidden_units=256", "validation log p": None, "held-out log p": None,
+     "train seconds": None, "error": "FloatingPointError: the training loss is not finite at epoch 212: "
+     "lower train.learning_rate or raise train.weight_decay"},
+]
 
 
 @contextmanager
@@ -68,14 +86,54 @@ def rendered_image_widths(page) -> list[int]:
 
 def tables_running_over(page) -> list[dict]:
     """Bounding boxes of the artifact's tables that do not fit its panel (so run under the side panel or scroll)."""
+    from playwright.sync_api import expect
+
     panel = page.get_by_role("tabpanel")
-    right = (box := panel.bounding_box())["x"] + box["width"]
-    over = []
-    for table in panel.locator("table").all():
-        table_box = table.bounding_box()
-        if table_box["x"] + table_box["width"] > right + 1:  # a pixel of rounding
-            over.append(table_box | {"panel_right": right})
-    return over
+    expect(panel).to_be_visible()
+    # Measured in one step inside the page: the panel re-renders as the page settles (?tab=...), and
+    # a box read by a later call could find it replaced and not shown (bounding_box() is then None).
+    return panel.evaluate("""panel => {
+        const right = panel.getBoundingClientRect().right;
+        return [...panel.querySelectorAll("table")].map(table => table.getBoundingClientRect())
+            .filter(box => box.right > right + 1)  // a pixel of rounding
+            .map(box => ({x: box.x, y: box.y, width: box.width, height: box.height, panel_right: right}));
+    }""")
+
+
+def open_artifact(ui: RunningUI, page, artifact_id: UUID):
+    """The artifact's page, once its content (a table, here) has rendered; returns its panel."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{ui.url}/v2/artifacts/artifact/{artifact_id}", wait_until="networkidle")
+    panel = page.get_by_role("tabpanel")
+    expect(panel).to_be_visible()
+    panel.locator("table").first.wait_for()
+    return panel
+
+
+def sweep_fits_the_panel(ui: RunningUI, page) -> None:
+    """faces_sweep's own artifact code on rows of a sweep's shape: its table fits, its free text is listed below."""
+    from playwright.sync_api import expect
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import publish_ranking
+
+    def publish() -> None:
+        # In a flow run, as faces_sweep publishes it: Prefect deprecates artifacts made outside one.
+        with temporary_settings({PREFECT_API_URL: ui.api_url}):
+            flow(name="walk-sweep-ranking", persist_result=False)(publish_ranking)(SWEEP_ROWS)
+
+    # In a thread of its own: Playwright's event loop runs in this one, and Prefect, seeing a
+    # running loop, would hand back an unawaited coroutine instead of running.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(publish).result()
+    with client(ui.api_url) as prefect:
+        sweep = next(a for a in prefect.read_latest_artifacts() if a.key == "faceflow-sweep")
+    panel = open_artifact(ui, page, sweep.latest_id)
+    assert not tables_running_over(page), tables_running_over(page)
+    expect(panel.get_by_role("row")).to_have_count(1 + len(SWEEP_ROWS))
+    expect(panel.get_by_role("listitem").last).to_contain_text(str(SWEEP_ROWS[-1]["error"]))
 
 
 def run_from_form(ui: RunningUI, page, shots: Path, outputs: Path) -> UUID:
@@ -115,6 +173,7 @@ def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
     with browser_page() as page:
         open_ui(ui, page)
+        sweep_fits_the_panel(ui, page)  # first: it needs no run
         flow_run_id = run_from_form(ui, page, shots, outputs)
         assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
         with client(ui.api_url) as prefect:
@@ -160,15 +219,22 @@ def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
         page.wait_for_load_state("networkidle")
         page.screenshot(path=str(shots / "06-schedule.png"))
 
-        # A retraining run, then its leaderboard.
+        # A retraining run, then its leaderboard: it fits the panel, and its one row is the first champion.
         retrain = run_deployment(ui.api_url, "weekly-retrain", {
             "config": {"data": {"validation_per_person": 1}, "train": {"epochs": 5}, "output_dir": str(outputs)},
         }, flow="faceflow-retrain")
         assert wait_for_state(ui.api_url, retrain, {"Completed"}, timeout=600) == "Completed"
+        rows = json.loads((tmp_path / "models" / "leaderboard.json").read_text())
+        assert len(rows) == 1 and rows[0]["promoted"] is True and rows[0]["why"] == "first champion"
         with client(ui.api_url) as prefect:
             leaderboard = next(a for a in prefect.read_latest_artifacts() if a.key == "faceflow-leaderboard")
-        rows = json.loads(leaderboard.data)
-        assert len(rows) == 1 and rows[0]["promoted"] is True and rows[0]["why"] == "first champion"
-        page.goto(f"{ui.url}/v2/artifacts/artifact/{leaderboard.latest_id}", wait_until="networkidle")
-        expect(page.get_by_role("cell", name="first champion", exact=True)).to_be_visible()
+        panel = open_artifact(ui, page, leaderboard.latest_id)
+        assert not tables_running_over(page), tables_running_over(page)
+        first = panel.get_by_role("row").nth(1)  # the header is row 0
+        expect(first.get_by_role("cell")).to_have_text([
+            "1", short_time(rows[0]["time"]), str(rows[0]["seed"]), f"{rows[0]['validation log p']:.2f}",
+            f"{rows[0]['held-out log p']:.2f}", "–", "yes",  # no champion to compare with yet
+        ])
+        expect(panel.get_by_role("listitem").first).to_have_text(
+            f"#1 {rows[0]['challenger']}: first champion; run folder {rows[0]['run folder']}")
         page.screenshot(path=str(shots / "07-leaderboard.png"))
