@@ -39,9 +39,9 @@ def leaderboard_markdown(rows: list[dict[str, object]]) -> str:
     numbered = list(enumerate(rows, start=1))[::-1]
     table = markdown_table(pd.DataFrame([{
         "#": str(number), "time (UTC)": short_time(str(row["time"])), "seed": str(row["seed"]),
-        "validation": _number(row.get("validation log p")), "held-out": _number(row.get("held-out log p")),
-        "champion": _number(row.get("champion validation log p")), "promoted": "yes" if row.get("promoted") else "no",
-    } for number, row in numbered], columns=["#", "time (UTC)", "seed", "validation", "held-out", "champion", "promoted"]))
+        "faces": _number(row.get("faces judged")), "challenger": _number(row.get("validation pixels")),
+        "champion": _number(row.get("champion pixels")), "promoted": "yes" if row.get("promoted") else "no",
+    } for number, row in numbered], columns=["#", "time (UTC)", "seed", "faces", "challenger", "champion", "promoted"]))
     details = "\n".join(
         f"- **#{number}** {_one_line(row['challenger'])}: {_one_line(row['why']) or NONE}"
         + (f"; run folder `{row['run folder']}`" if row.get("run folder") else "")
@@ -49,8 +49,9 @@ def leaderboard_markdown(rows: list[dict[str, object]]) -> str:
     )
     return (
         "### Leaderboard: every challenger, newest first\n\n"
-        "Log p in nats per face on the challenger's own validation and held-out faces; *champion*: the champion's "
-        "validation log p on those same validation faces, the figure the challenger had to beat.\n\n"
+        "Mean log p of the pixels (image space, nats per face) of the *faces* judged: the challenger's validation "
+        "faces that the champion was not fitted on; *challenger* had to beat *champion* on them by the margin. "
+        "Each run's PCA-space and held-out figures are in models/leaderboard.json and its report.\n\n"
         f"{table}\n\n{details}\n"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,9 @@ from faceflow.config import DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.settings import models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
-from tasks.champion import ChampionRecord, append_leaderboard, decide, now_utc, read_champion
+from tasks.champion import (
+    ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
+)
 from tasks.data import resolve_data_file
 from tasks.steps import fetch_faces, promote_champion, score_champion, split_faces
 
@@ -64,8 +67,9 @@ def faceflow_retrain(
 def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> RetrainResult:
     """Run the pipeline for ``config`` with ``seed`` as a challenger; promote it if it beats the champion on validation.
 
-    The champion is re-scored on this run's validation faces, the very faces the challenger is
-    judged on; held-out faces decide nothing. Every challenger gets a leaderboard row.
+    Both are scored on the same faces: this run's validation faces that the champion was not fitted
+    on, by the log p of their pixels (image space), so champions of other PCA bases compare fairly;
+    held-out faces decide nothing. Every challenger gets a leaderboard row, with the count of faces judged.
     """
     if config.data.validation_per_person < 1:
         raise ValueError("promotion compares validation log p: config.data.validation_per_person must be at least 1")
@@ -78,12 +82,21 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     challenger: PipelineResult = state.result()
     row = _leaderboard_row(source, seed, challenger, None)
 
+    # Judged in image space (the pixels' log p), so models of different PCA bases compare, on the
+    # challenger's validation faces that the champion was not fitted on either.
     champion = read_champion(models)
+    faces = fetch_faces(resolve_data_file(config.data))
+    judged = split_faces(faces, config.data).validation.tolist()
     champion_validation = None
     if champion is not None:
-        faces = fetch_faces(resolve_data_file(config.data))
-        champion_validation = score_champion(models, faces, split_faces(faces, config.data))
-    decision = decide(challenger.report.metrics["validation_log_prob"], champion_validation, margin)
+        judged = unseen_by_champion(models, judged)
+        champion_validation = score_champion(models, faces, judged) if judged else None
+    challenger_validation = validation_image_log_prob(challenger.report.folder, judged) if judged else None
+    if champion is not None and judged and champion_validation is None:
+        decision = Decision(True, "the champion has no image-space figures (promoted before they existed): replaced")
+    else:
+        decision = decide(math.nan if challenger_validation is None else challenger_validation, champion_validation, margin,
+                          faces=len(judged))
     if decision.promote:
         record = ChampionRecord(
             run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
@@ -95,7 +108,8 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
         promote_champion(challenger.report.folder, record, models)
         Variable.set(CHAMPION_VARIABLE, record.to_json(), overwrite=True)
         champion = record
-    row |= {"champion validation log p": champion_validation, "promoted": decision.promote, "why": decision.reason}
+    row |= {"faces judged": len(judged), "validation pixels": challenger_validation, "champion pixels": champion_validation,
+            "promoted": decision.promote, "why": decision.reason}
     _publish_leaderboard(append_leaderboard(models, row), decision.reason)
     get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
     return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)

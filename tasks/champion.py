@@ -53,8 +53,13 @@ class Decision:
     reason: str
 
 
-def decide(challenger_validation: float, champion_validation: float | None, margin: float) -> Decision:
-    """Promote when there is no champion, or the challenger's validation log p beats the champion's by ``margin``."""
+def decide(challenger_validation: float, champion_validation: float | None, margin: float, faces: int = 1) -> Decision:
+    """Promote when there is no champion, or the challenger's validation log p beats the champion's by ``margin``.
+
+    Both figures are of the same ``faces`` validation faces, none of which either model was fitted on.
+    """
+    if faces == 0:
+        return Decision(False, "every validation face of the challenger was a fit face of the champion: nothing to judge on")
     if not math.isfinite(challenger_validation):
         return Decision(False, f"challenger's validation log p is {challenger_validation}: not a model to use")
     if champion_validation is None:
@@ -66,6 +71,27 @@ def decide(challenger_validation: float, champion_validation: float | None, marg
         False, f"validation log p {challenger_validation:.2f} against the champion's {champion_validation:.2f}: "
         f"{gain:+.2f}, not more than the {margin:g}-nat margin",
     )
+
+
+def unseen_by_champion(models_dir: Path, validation: list[int]) -> list[int]:
+    """The challenger's validation faces the champion was not fitted on (its split.json), by image index.
+
+    With the same data and split seed that is all of them; a changed split seed would otherwise
+    let the champion be judged on faces it learnt.
+    """
+    fitted = set(json.loads((champion_path(models_dir) / "split.json").read_text())["fit"])
+    return [index for index in validation if index not in fitted]
+
+
+def validation_image_log_prob(run_folder: Path, judged: list[int]) -> float:
+    """A run's mean image-space log p (nats per face) of its validation faces ``judged``, from its scores.csv."""
+    import pandas as pd
+
+    scores = pd.read_csv(run_folder / "scores.csv")
+    values = scores[(scores["part"] == "validation") & scores["index"].isin(judged)]["image_log_prob"]
+    if len(values) != len(judged):
+        raise ChampionError(f"{run_folder / 'scores.csv'} lacks validation faces {sorted(set(judged) - set(values.index))}")
+    return float(values.mean())
 
 
 def champion_path(models_dir: Path) -> Path:

@@ -248,11 +248,15 @@ def report(
 
 
 @task(name="score_champion", cache_policy=NO_CACHE)
-def score_champion(models: Path, faces: Faces, split: Split) -> float:
-    """The champion's mean log p of this run's validation faces, through its own PCA."""
-    from tasks.champion_model import champion_log_prob
+def score_champion(models: Path, faces: Faces, judged: list[int]) -> float | None:
+    """The champion's mean image-space log p of faces ``judged``: of their pixels, through its own PCA.
 
-    return float(champion_log_prob(models, faces.flat[split.validation]).mean())
+    None for a champion promoted before image-space log p existed: it is replaced (no fair figure).
+    """
+    from tasks.champion_model import champion_image_log_prob
+
+    image_log_p = champion_image_log_prob(models, faces.flat[judged])
+    return None if image_log_p is None else float(image_log_p.mean())
 
 
 @task(name="promote_champion", cache_policy=NO_CACHE)

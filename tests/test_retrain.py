@@ -60,21 +60,20 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
 def test_the_champion_changes_exactly_when_validation_improves_by_the_margin(retrained: dict) -> None:
     results = retrained["results"]
     assert [r.promoted for r in results] == [True, False, True], [r.reason for r in results]
-    validation = [r.challenger["validation log p"] for r in results]
+    validation = [r.challenger["validation pixels"] for r in results]
     assert validation[0] < validation[1]  # the rejected challenger was better, just not by its margin
     assert results[0].reason == "first champion" and "not more than the 100-nat margin" in results[1].reason
     assert results[1].champion == results[0].champion  # a rejected challenger leaves the champion untouched
     for result, (_, margin) in zip(results[1:], CHALLENGERS[1:], strict=True):
         row = result.challenger
-        gain = row["validation log p"] - row["champion validation log p"]
+        gain = row["validation pixels"] - row["champion pixels"]
         assert result.promoted == (gain > margin)
-        assert f"{row['validation log p']:.2f}" in result.reason and f"{row['champion validation log p']:.2f}" in result.reason
+        assert f"{row['validation pixels']:.2f}" in result.reason and f"{row['champion pixels']:.2f}" in result.reason
 
 
-def _validation_log_p(folder: Path, faces, faces_of: Path | None = None) -> float:
-    """Mean log p under the model in run folder ``folder`` of the validation faces of run ``faces_of`` (default: its own).
-
-    Recomputed from the run folders' files alone.
+def _validation_image_log_p(folder: Path, faces, faces_of: Path | None = None) -> float:
+    """Mean log p of the pixels, under the model in run folder ``folder``, of the validation faces of run ``faces_of``
+    (default: its own): its PCA coordinates' log p plus the residual's isotropic Gaussian, from the folders' files alone.
     """
     import joblib
     import torch
@@ -83,21 +82,43 @@ def _validation_log_p(folder: Path, faces, faces_of: Path | None = None) -> floa
 
     validation = json.loads(((faces_of or folder) / "split.json").read_text())["validation"]
     model, _ = load_checkpoint(folder / "model.pt")
-    coords = joblib.load(folder / "pca.joblib").transform(faces.flat[validation]).astype(np.float32)
+    pca = joblib.load(folder / "pca.joblib")
+    variance = json.loads((folder / "metrics.json").read_text())["pca_residual_variance"]
+    pixels = faces.flat[validation].astype(np.float64)
+    coords = pca.transform(pixels)
+    residual = pixels - pca.inverse_transform(coords)
     with torch.no_grad():
-        return float(model.log_prob(torch.from_numpy(coords)).double().mean())
+        coord_log_p = model.log_prob(torch.from_numpy(coords.astype(np.float32))).double().numpy()
+    residual_dim = pixels.shape[1] - coords.shape[1]
+    residual_log_p = -0.5 * residual_dim * np.log(2 * np.pi * variance) - (residual**2).sum(1) / (2 * variance)
+    return float((coord_log_p + residual_log_p).mean())
 
 
-def test_the_champion_is_judged_on_validation_faces_not_held_out_ones(retrained: dict, faces) -> None:
-    """Both figures each decision compared are validation log p of the challenger's validation faces, recomputed from files."""
+def test_the_champion_is_judged_in_image_space_on_validation_faces_neither_model_fitted(retrained: dict, faces) -> None:
+    """Both figures each decision compared: the pixels' log p of the challenger's validation faces, recomputed from files."""
     first, second, third = (Path(r.challenger["run folder"]) for r in retrained["results"])
-    assert _validation_log_p(first, faces) == pytest.approx(retrained["results"][0].challenger["validation log p"], abs=1e-3)
+    results = retrained["results"]
+    assert _validation_image_log_p(first, faces) == pytest.approx(results[0].challenger["validation pixels"], rel=1e-6)
+    champion_fit = set(json.loads((first / "split.json").read_text())["fit"])
     # The champion (the first model) re-scored on each later challenger's validation faces.
-    for challenger_folder, result in ((second, retrained["results"][1]), (third, retrained["results"][2])):
-        champion_on_them = _validation_log_p(first, faces, faces_of=challenger_folder)
-        assert result.challenger["champion validation log p"] == pytest.approx(champion_on_them, abs=1e-3)
-        assert result.challenger["validation log p"] == pytest.approx(_validation_log_p(challenger_folder, faces), abs=1e-3)
-        assert result.challenger["validation log p"] != pytest.approx(result.challenger["held-out log p"], abs=0.01)
+    for challenger_folder, result in ((second, results[1]), (third, results[2])):
+        validation = json.loads((challenger_folder / "split.json").read_text())["validation"]
+        assert not champion_fit & set(validation) and result.challenger["faces judged"] == len(validation) == 40
+        champion_on_them = _validation_image_log_p(first, faces, faces_of=challenger_folder)
+        assert result.challenger["champion pixels"] == pytest.approx(champion_on_them, rel=1e-6)
+        assert result.challenger["validation pixels"] == pytest.approx(_validation_image_log_p(challenger_folder, faces), rel=1e-6)
+
+
+def test_faces_the_champion_was_fitted_on_never_judge_it(tmp_path: Path) -> None:
+    """A challenger split another way shares faces with the champion's fit part: those are left out of the judging."""
+    from tasks.champion import champion_path, decide, unseen_by_champion
+
+    folder = tmp_path / "champion-x"
+    folder.mkdir()
+    (folder / "split.json").write_text(json.dumps({"fit": [1, 2, 3], "validation": [4], "heldout": [5]}))
+    champion_path(tmp_path).symlink_to(folder.name)
+    assert unseen_by_champion(tmp_path, [2, 4, 7]) == [4, 7]
+    assert not decide(-1.0, -50.0, 0.5, faces=0).promote  # nothing left to judge on: the champion stays
 
 
 def test_the_variable_and_the_champion_folder_agree(retrained: dict) -> None:
@@ -131,8 +152,8 @@ def test_the_leaderboard_lists_every_challenger(retrained: dict) -> None:
     table, items = _table_and_list(artifact.data)
     assert artifact.type == "markdown" and len(table) == len(items) == 3
     for cells, item, (number, row) in zip(table, items, list(enumerate(saved, start=1))[::-1], strict=True):
-        assert cells == [str(number), short_time(row["time"]), str(row["seed"]), f"{row['validation log p']:.2f}",
-                         f"{row['held-out log p']:.2f}", format_nats(row["champion validation log p"]) if number > 1 else "–",
+        assert cells == [str(number), short_time(row["time"]), str(row["seed"]), str(row["faces judged"]),
+                         f"{row['validation pixels']:.2f}", format_nats(row["champion pixels"]) if number > 1 else "–",
                          "yes" if row["promoted"] else "no"]
         assert item == f"**#{number}** {row['challenger']}: {row['why']}; run folder `{row['run folder']}`"
 

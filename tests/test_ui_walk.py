@@ -232,8 +232,8 @@ def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
         assert not tables_running_over(page), tables_running_over(page)
         first = panel.get_by_role("row").nth(1)  # the header is row 0
         expect(first.get_by_role("cell")).to_have_text([
-            "1", short_time(rows[0]["time"]), str(rows[0]["seed"]), f"{rows[0]['validation log p']:.2f}",
-            f"{rows[0]['held-out log p']:.2f}", "–", "yes",  # no champion to compare with yet
+            "1", short_time(rows[0]["time"]), str(rows[0]["seed"]), str(rows[0]["faces judged"]),
+            f"{rows[0]['validation pixels']:.2f}", "–", "yes",  # no champion to compare with yet
         ])
         expect(panel.get_by_role("listitem").first).to_have_text(
             f"#1 {rows[0]['challenger']}: first champion; run folder {rows[0]['run folder']}")
