@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faceflow.keys import content_key, project_source_digest
+from faceflow.keys import content_key
 from faceflow.config import FaceflowConfig
 
 
@@ -20,10 +20,6 @@ def test_config_keys_follow_every_field() -> None:
     assert content_key(base) == content_key(FaceflowConfig())
     changed = base.model_copy(update={"sample": base.sample.model_copy(update={"n_samples": 3})})
     assert content_key(changed) != content_key(base)
-
-
-def test_code_digest_is_stable_within_a_process() -> None:
-    assert project_source_digest() == project_source_digest() and len(project_source_digest()) == 64
 
 
 def test_a_lock_file_caught_between_its_creation_and_its_content_is_a_held_lock(tmp_path: Path) -> None:
