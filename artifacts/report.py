@@ -42,8 +42,7 @@ def comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.D
         "train_seconds": metrics["train_seconds"],
         "detail": f"best epoch {int(metrics['best_epoch'])} of {int(metrics['epochs'])}",
     }
-    columns = [name for name in PCA_SPACE_COLUMNS if name in baselines.columns]
-    return pd.concat([pd.DataFrame([flow_row]), baselines[columns]], ignore_index=True)
+    return _flow_above(flow_row, baselines, PCA_SPACE_COLUMNS)
 
 
 def image_comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +53,12 @@ def image_comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -
         "new_people_image_log_prob": metrics["new_people_image_log_prob"],
         "bits_per_pixel": metrics["heldout_image_bits_per_pixel"],
     }
-    return pd.concat([pd.DataFrame([flow_row]), baselines[list(IMAGE_SPACE_COLUMNS)]], ignore_index=True)
+    return _flow_above(flow_row, baselines, IMAGE_SPACE_COLUMNS)
+
+
+def _flow_above(flow_row: dict[str, object], baselines: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The flow's row, then the baselines' ``columns`` (those they have)."""
+    return pd.concat([pd.DataFrame([flow_row]), baselines[[name for name in columns if name in baselines.columns]]], ignore_index=True)
 
 
 def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]:
