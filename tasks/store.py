@@ -212,7 +212,12 @@ class FaceStore:
             targets.append(position)
             sources.append(int(row["row"]))
         for shard, (targets, sources) in by_shard.items():
-            images[targets] = np.load(self.root / "images" / shard, mmap_mode="r")[sources]
+            stored = np.load(self.root / "images" / shard, mmap_mode="r")
+            start = targets[0]
+            if targets == list(range(start, start + len(targets))) and sources == list(range(len(stored))):
+                images[start : start + len(targets)] = stored  # the usual case: a whole shard in order, one copy
+            else:
+                images[targets] = stored[sources]
         return VersionFaces(
             version=version,
             images=images,
