@@ -21,8 +21,8 @@ from faceflow.config import FaceflowConfig
 from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
-    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, models_dir, prefect_home,
-    server_start_timeout,
+    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, faces_dir, models_dir,
+    prefect_home, server_start_timeout,
 )
 from tasks.champion import champion_path
 from tasks.olivetti import DataFileError, checked_faces_array
@@ -344,6 +344,102 @@ def sweep(
 
 
 app.command("sweep")(sweep)
+
+
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A folder with one sub-folder of images per person (PNG, JPEG, PGM), an .npz with images (n, 64, 64) and people (n,), or a .mat in the Olivetti layout.")],
+    resize: Annotated[bool, typer.Option("--resize/--no-resize", help="Resize images that are not 64x64 (said per file); --no-resize refuses them.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+) -> None:
+    """Add faces to the face store as a new version: the latest one plus every image it does not hold yet."""
+    from tasks.importers import IngestError, open_store, read_input
+    from tasks.data import DataUnavailableError
+    from tasks.store import StoreError
+
+    try:
+        incoming = read_input(path, resize)  # every file read and checked before the store is touched
+    except StoreError as error:
+        typer.echo(f"faceflow ingest refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    for note in incoming.notes:
+        typer.echo(note, err=True)
+    try:
+        store, _ = open_store(faces_dir(), data_file_from_environment())
+        result = store.add(incoming.images, incoming.people, incoming.sources)
+    except (StoreError, DataFileError) as error:
+        typer.echo(f"faceflow ingest refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    except (DataUnavailableError, OSError) as error:
+        typer.echo(f"faceflow ingest failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    skipped = result.duplicates + result.repeated
+    if json_output:
+        version = result.version or result.previous
+        typer.echo(json.dumps({
+            "version": version.to_json() if version else None, "new_version": result.version is not None,
+            "added": result.added, "duplicates": result.duplicates, "repeated": result.repeated,
+            "relabelled": result.relabelled, "converted": len(incoming.notes),
+        }))
+        return
+    if result.relabelled:
+        typer.echo(f"{result.relabelled} duplicates carry another person's name here; the stored name stays", err=True)
+    if result.version is None:
+        assert result.previous is not None
+        typer.echo(f"nothing new: all {skipped} images are already in version {result.previous.number} ({result.previous.short})")
+        return
+    version = result.version
+    typer.echo(
+        f"version {version.number} ({version.short}): {version.images} images of {version.people} people, "
+        f"{result.added} added, {skipped} duplicates skipped ({result.repeated} repeated within {path})"
+    )
+
+
+app.command("ingest")(ingest)
+
+
+def faces(
+    version: Annotated[str | None, typer.Argument(help="A version (number, id or id prefix, 'latest'): list its people instead.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON value.")] = False,
+) -> None:
+    """The face store's versions, oldest first (number, id, created, people, images, added), or one version's people."""
+    from tasks.store import FaceStore, StoreError
+
+    store = FaceStore(faces_dir())
+    if version is not None:
+        try:
+            chosen = store.resolve(version)
+        except StoreError as error:
+            typer.echo(f"faceflow faces refused: {error}", err=True)
+            raise typer.Exit(code=2) from None
+        rows = store.manifest(chosen)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["person"]] = counts.get(row["person"], 0) + 1
+        if json_output:
+            typer.echo(json.dumps({"version": chosen.to_json(), "people": counts}))
+            return
+        typer.echo(f"version {chosen.number} ({chosen.id}): {chosen.images} images of {chosen.people} people")
+        for person, count in counts.items():
+            typer.echo(f"  {person:<24} {count:>5}")
+        return
+    versions = store.versions()
+    if json_output:
+        typer.echo(json.dumps([version.to_json() for version in versions]))
+        return
+    if not versions:
+        typer.echo(f"no versions in {store.root} yet: the first run or ingest makes version 1 from the Olivetti faces")
+        return
+    latest = store.latest()
+    typer.echo(f"{'version':>7}  {'id':<12}  {'created':<25}  {'people':>6}  {'images':>6}  {'added':>6}")
+    for version in versions:
+        mark = "  latest" if latest and version.id == latest.id else ""
+        typer.echo(
+            f"{version.number:>7}  {version.short:<12}  {version.created:<25}  {version.people:>6}  "
+            f"{version.images:>6}  {version.added:>6}{mark}"
+        )
+
+
+app.command("faces")(faces)
 
 
 def _refuse_unwritable(folder: Path) -> None:

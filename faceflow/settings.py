@@ -15,6 +15,7 @@ DEFAULT_SERVER_START_TIMEOUT = 180.0
 DOWNLOAD_TIMEOUT_VARIABLE = "FACEFLOW_DOWNLOAD_TIMEOUT"
 DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # per network read; the whole file is 1.4 MB
 MODELS_DIR_VARIABLE = "FACEFLOW_MODELS_DIR"
+FACES_DIR_VARIABLE = "FACEFLOW_FACES_DIR"
 CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
 
@@ -37,6 +38,11 @@ def api_url_from_environment() -> str | None:
 def models_dir() -> Path:
     """Where the champion model and the leaderboard live (FACEFLOW_MODELS_DIR, default ./models)."""
     return Path(os.environ.get(MODELS_DIR_VARIABLE, "").strip() or "models").expanduser().absolute()
+
+
+def faces_dir() -> Path:
+    """The face store: every image and every version (FACEFLOW_FACES_DIR, default ./faces)."""
+    return Path(os.environ.get(FACES_DIR_VARIABLE, "").strip() or "faces").expanduser().absolute()
 
 
 def prefect_home() -> Path:

@@ -38,8 +38,12 @@ def _load_matlab(path: Path) -> dict[str, object]:
         raise DataFileError(f"data file {name} is not a readable MATLAB .mat file ({reason})") from None
 
 
-def checked_faces_array(path: Path) -> np.ndarray:
-    """The raw ``faces`` variable of ``path``, after every check the pipeline relies on."""
+def checked_faces_array(path: Path, columns: int | None = N_IMAGES) -> np.ndarray:
+    """The raw ``faces`` variable of ``path``, after every check the pipeline relies on.
+
+    ``columns``: the image count required (the Olivetti file's 400), or None for any count, as
+    an ingested file in the same layout may hold.
+    """
     name = repr(str(path))
     contents = _load_matlab(path)
     if VARIABLE not in contents:
@@ -48,10 +52,12 @@ def checked_faces_array(path: Path) -> np.ndarray:
     raw = np.asarray(contents[VARIABLE])
     if not np.issubdtype(raw.dtype, np.number) or np.issubdtype(raw.dtype, np.complexfloating):
         raise DataFileError(f"data file {name}: {VARIABLE!r} holds {raw.dtype} values; expected real numbers (pixel levels)")
-    if raw.shape != EXPECTED_SHAPE:
-        hint = "; it looks transposed: save faces.T" if raw.shape == EXPECTED_SHAPE[::-1] else ""
+    expected = (N_PIXELS, columns if columns is not None else "n")
+    if raw.ndim != 2 or raw.shape[0] != N_PIXELS or (columns is not None and raw.shape[1] != columns) or raw.shape[1] == 0:
+        transposed = raw.ndim == 2 and raw.shape[1] == N_PIXELS
+        hint = "; it looks transposed: save faces.T" if transposed else ""
         raise DataFileError(
-            f"data file {name}: {VARIABLE!r} has shape {raw.shape}; expected {EXPECTED_SHAPE}, "
+            f"data file {name}: {VARIABLE!r} has shape {raw.shape}; expected {expected}, "
             f"one 64x64 image per column{hint}"
         )
     finite = np.isfinite(raw)

@@ -1,0 +1,206 @@
+"""What can be ingested into the face store, read and checked before the store is touched.
+
+Three layouts: a folder with one sub-folder of images per person (PNG, JPEG, PGM; the
+ImageFolder convention), an ``.npz`` with ``images`` (n, 64, 64) and ``people`` (n,), and a
+``.mat`` in the Olivetti layout (``faces``: 4096 x n, one image per column). The Olivetti faces
+themselves are one more importer: they become version 1 on first use. Every problem is one line
+naming the file or field (``IngestError``); nothing is written until a whole input has read clean.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.olivetti import DataFileError, checked_faces_array
+from tasks.store import IMAGE_SHAPE, FaceStore, StoreError, Version, check_images, check_person
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")
+OLIVETTI_PEOPLE = 40
+OLIVETTI_IMAGES_PER_PERSON = 10  # the Olivetti .mat layout: each person's images are consecutive columns
+
+
+class IngestError(StoreError):
+    """An input that cannot be ingested; the message names the file or field."""
+
+
+@dataclass
+class Incoming:
+    """Checked images on their way into the store, and what was done to them on the way."""
+
+    images: np.ndarray  # (n, 64, 64) float32 in [0, 1]
+    people: list[str]
+    sources: list[str]  # where each image came from, as recorded in the manifest
+    notes: list[str] = field(default_factory=list)  # one line per converted or resized file
+
+
+def read_input(path: Path, resize: bool = True) -> Incoming:
+    """The images of ``path`` (a folder of people, an .npz or a .mat), checked; IngestError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"{path}: does not exist")
+    if path.is_dir():
+        return read_folder(path, resize)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return read_npz(path)
+    if suffix == ".mat":
+        return read_mat(path)
+    raise IngestError(f"{path}: expected a folder with one sub-folder of images per person, an .npz or a .mat")
+
+
+def read_folder(root: Path, resize: bool = True) -> Incoming:
+    """One sub-folder per person, named by the person; hidden files (a leading '.') are skipped."""
+    entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
+    if not entries:
+        raise IngestError(f"{root}: empty folder; expected one sub-folder of images per person")
+    images, people, sources, notes = [], [], [], []
+    for person_folder in entries:
+        if not person_folder.is_dir():
+            raise IngestError(f"{person_folder}: a file where a folder of one person's images is expected")
+        person = _checked(lambda: check_person(person_folder.name, f"{person_folder}"))
+        files = sorted(entry for entry in person_folder.iterdir() if not entry.name.startswith("."))
+        if not files:
+            raise IngestError(f"{person_folder}: empty folder; expected images of {person}")
+        for file in files:
+            image, note = read_image(file, resize)
+            images.append(image)
+            people.append(person)
+            sources.append(f"{root.name}/{person_folder.name}/{file.name}")
+            if note:
+                notes.append(f"{file}: {note}")
+    return Incoming(np.stack(images), people, sources, notes)
+
+
+def read_image(file: Path, resize: bool = True) -> tuple[np.ndarray, str]:
+    """One image as 64x64 float32 in [0, 1], and what was done to it ('' when nothing)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if file.is_dir():
+        raise IngestError(f"{file}: a folder where an image is expected")
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise IngestError(f"{file}: not an image (expected {', '.join(IMAGE_SUFFIXES)})")
+    done = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a hostile size is refused, not decoded
+            with Image.open(file) as opened:
+                opened.load()  # decodes now: a truncated or corrupt file fails here, not later
+                mode, size = opened.mode, opened.size
+                if mode.startswith("I;16") or mode == "I":  # 16-bit grayscale (PNG, PGM)
+                    pixels = np.asarray(opened, dtype=np.float32) / 65535.0
+                else:
+                    if mode != "L":
+                        done.append(f"converted {mode} to grayscale")
+                        opened = opened.convert("L")
+                    pixels = np.asarray(opened, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise IngestError(f"{file}: not a readable image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise IngestError(f"{file}: cannot be decoded ({error})") from None
+    if size != IMAGE_SHAPE[::-1]:
+        if not resize:
+            raise IngestError(f"{file}: is {size[0]}x{size[1]}, not 64x64 (--no-resize refuses instead of resizing)")
+        resized = Image.fromarray(pixels).resize(IMAGE_SHAPE[::-1], Image.Resampling.LANCZOS)
+        pixels = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)  # Lanczos overshoots at edges
+        done.append(f"resized {size[0]}x{size[1]} to 64x64")
+    _checked(lambda: check_images(pixels[None], lambda _: str(file)))
+    return pixels, ", ".join(done)
+
+
+def read_npz(path: Path) -> Incoming:
+    """``images`` (n, 64, 64) in [0, 1] (uint8: 0..255) and ``people`` (n,) labels."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as error:  # numpy raises BadZipFile, ValueError, OSError, EOFError
+        raise IngestError(f"{path}: not a readable .npz ({str(error) or type(error).__name__})") from None
+    with archive:
+        missing = [name for name in ("images", "people") if name not in archive.files]
+        if missing:
+            raise IngestError(f"{path}: no field {missing[0]!r} (it holds {', '.join(archive.files) or 'nothing'})")
+        try:
+            images, people = archive["images"], archive["people"]
+        except ValueError as error:  # an object array, which would need pickle
+            raise IngestError(f"{path}: a field needs pickle to read ({error}); save strings and numbers only") from None
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise IngestError(f"{path}: field 'images' has shape {images.shape}; expected (n, 64, 64)")
+    if people.ndim != 1 or len(people) != len(images):
+        raise IngestError(f"{path}: field 'people' has shape {people.shape} but 'images' holds {len(images)} images; expected ({len(images)},)")
+    if len(images) == 0:
+        raise IngestError(f"{path}: field 'images' holds no image")
+    notes = []
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+        notes.append(f"{path}: field 'images' is uint8, divided by 255")
+    elif not np.issubdtype(images.dtype, np.floating):
+        raise IngestError(f"{path}: field 'images' holds {images.dtype}; expected floats in [0, 1] or uint8")
+    images = _checked(lambda: check_images(images.astype(np.float32), lambda i: f"{path}: field 'images'" + (f"[{i}]" if i >= 0 else "")))
+    names = [_checked(lambda: check_person(name, f"{path}: field 'people'[{i}]")) for i, name in enumerate(people.tolist())]
+    return Incoming(images, names, [f"{path.name}[{i}]" for i in range(len(images))], notes)
+
+
+def read_mat(path: Path) -> Incoming:
+    """A .mat in the Olivetti layout: ``faces`` 4096 x n, 10 consecutive images per person, named <file>-NN."""
+    try:
+        raw = checked_faces_array(path, columns=None)
+    except DataFileError as error:
+        raise IngestError(str(error)) from None
+    n = raw.shape[1]
+    if n % OLIVETTI_IMAGES_PER_PERSON:
+        raise IngestError(
+            f"{path}: field 'faces' holds {n} images; the Olivetti layout has {OLIVETTI_IMAGES_PER_PERSON} per person"
+        )
+    images = _olivetti_normalised(raw)
+    prefix = _checked(lambda: check_person(path.stem, f"{path} (its name gives the people's names)"))
+    people = [f"{prefix}-{i // OLIVETTI_IMAGES_PER_PERSON:02d}" for i in range(n)]
+    images = _checked(lambda: check_images(images, lambda i: f"{path}: field 'faces'" + (f" column {i}" if i >= 0 else "")))
+    return Incoming(images, people, [f"{path.name}[{i}]" for i in range(n)])
+
+
+def _olivetti_normalised(raw: np.ndarray) -> np.ndarray:
+    """As scikit-learn's fetch_olivetti_faces: global min-max to [0, 1], each column a transposed 64x64 image."""
+    faces = raw.T.astype(np.float32)
+    faces -= faces.min()
+    faces /= faces.max()
+    return np.ascontiguousarray(faces.reshape(len(faces), *IMAGE_SHAPE).transpose(0, 2, 1))
+
+
+def olivetti_people(n: int) -> list[str]:
+    """olivetti-00 .. olivetti-39, each name on its 10 consecutive images."""
+    return [f"olivetti-{i // OLIVETTI_IMAGES_PER_PERSON:02d}" for i in range(n)]
+
+
+def olivetti_incoming(data_file: Path | None, download: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> Incoming:
+    """The 400 Olivetti faces exactly as the pipeline has always read them: the file, else scikit-learn's download."""
+    from tasks.data import download_olivetti, load_faces
+
+    faces = load_faces(data_file, download or download_olivetti)
+    people = [f"olivetti-{int(t):02d}" for t in faces.target]
+    # The source is the same for the file and the download (the same values): version 1's id
+    # then does not depend on where the file lives.
+    return Incoming(faces.images, people, [f"olivetti[{i}]" for i in range(len(people))])
+
+
+def open_store(root: Path, data_file: Path | None, download: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[FaceStore, Version]:
+    """The store at ``root`` and its latest version; on first use the Olivetti faces become version 1."""
+    store = FaceStore(root)
+
+    def first() -> tuple[np.ndarray, list[str], list[str]]:
+        incoming = olivetti_incoming(data_file, download)
+        return incoming.images, incoming.people, incoming.sources
+
+    return store, store.ensure_first_version(first)
+
+
+def _checked(check: Callable[[], object]):  # type: ignore[no-untyped-def]
+    """A store check's StoreError as an IngestError (the message already names the file or field)."""
+    try:
+        return check()
+    except IngestError:
+        raise
+    except StoreError as error:
+        raise IngestError(str(error)) from None

@@ -1,0 +1,389 @@
+"""The face store: every image once, content-addressed, and immutable versions of who is in it.
+
+Layout of the store folder (``FACEFLOW_FACES_DIR``, default ``faces/``)::
+
+    images/<sha256 of the file>.npy     a shard: (n, 64, 64) float32 in [0, 1], the images one
+                                        version added that the store did not hold yet
+    versions/<version id>/manifest.csv  one row per image: image_id, person, source, added_in, shard, row
+    versions/<version id>/version.json  number, parent, created, counts, the shards it reads
+    LATEST                              the id of the highest-numbered version
+    .lock                               held (fcntl.flock) by the one writer at a time
+    .staging/                           a writer's files before they are renamed into place
+
+An image's id is the sha256 of its 64x64 float32 (little-endian, C order) bytes. A version's id
+is the sha256 of its manifest, so a version is named by its content; ``added_in`` holds version
+numbers (1, 2, ...), which the lock makes consecutive. Every file is written under ``.staging``
+and renamed into place, the version folder last: a version exists whole or not at all, and a
+writer killed at any point leaves at most an unreferenced shard, deleted by the next writer.
+Shards, not one file per image: reading 40,000 faces is then a few ``np.load`` calls.
+
+Prefect-free, torch-free: numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SHAPE = (64, 64)
+MANIFEST_COLUMNS = ("image_id", "person", "source", "added_in", "shard", "row")
+# A person's name becomes a CSV cell, a CLI argument and a figure label: letters, digits and
+# ". _ -", starting with a letter or digit, at most 64 characters.
+PERSON_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MIN_VERSION_PREFIX = 6  # a shorter hex prefix would too often name several versions
+
+
+class StoreError(ValueError):
+    """The store cannot do what was asked; the message names the field, file or version."""
+
+
+class UnknownVersionError(StoreError):
+    """A version reference that names no version (or several)."""
+
+
+def image_id(image: np.ndarray) -> str:
+    """The content address of one 64x64 image: sha256 of its float32 little-endian bytes."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype="<f4").tobytes()).hexdigest()
+
+
+def image_ids(images: np.ndarray) -> list[str]:
+    """The content address of each image of an (n, 64, 64) array."""
+    flat = np.ascontiguousarray(images, dtype="<f4").reshape(len(images), -1)
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in flat]
+
+
+def check_person(name: object, where: str) -> str:
+    """``name`` if it is a valid person label; else a StoreError naming ``where``."""
+    text = name if isinstance(name, str) else str(name)
+    if not PERSON_PATTERN.fullmatch(text):
+        shown = repr(text) if text else "empty"
+        raise StoreError(
+            f"{where}: person label {shown} is not a valid name "
+            "(letters, digits, '.', '_' or '-', starting with a letter or digit, at most 64 characters)"
+        )
+    return text
+
+
+def check_images(images: np.ndarray, where: Callable[[int], str]) -> np.ndarray:
+    """(n, 64, 64) float32 in [0, 1], finite and not constant, or a StoreError naming the image."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise StoreError(f"{where(-1)}: images have shape {images.shape}; expected (n, 64, 64)")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise StoreError(f"{where(-1)}: images are {images.dtype}; expected float32 in [0, 1]")
+    flat = images.reshape(len(images), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    if len(bad):
+        raise StoreError(f"{where(int(bad[0]))}: holds NaN or infinite pixels ({len(bad)} images do)")
+    bad = np.flatnonzero((flat.min(axis=1, initial=0.0) < 0) | (flat.max(axis=1, initial=0.0) > 1))
+    if len(bad):
+        raise StoreError(f"{where(int(bad[0]))}: pixels outside [0, 1] ({len(bad)} images have some)")
+    bad = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1)) if len(flat) else []
+    if len(bad):
+        raise StoreError(f"{where(int(bad[0]))}: every pixel is {float(flat[bad[0], 0]):g}, a constant image ({len(bad)} are)")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Version:
+    """One immutable version: its id (sha256 of its manifest), number, and counts."""
+
+    id: str
+    number: int
+    parent: str | None
+    created: str  # ISO 8601, UTC
+    people: int
+    images: int
+    added: int  # images new in this version
+    duplicates: int  # images offered to this version that the store already held
+    shards: tuple[str, ...]  # shard files the manifest reads
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.__dict__, "shards": list(self.shards)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, object]) -> Version:
+        return cls(**{**record, "shards": tuple(record["shards"])})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VersionFaces:
+    """The images of one version in manifest order, with their ids, people and provenance."""
+
+    version: Version
+    images: np.ndarray  # (n, 64, 64) float32 in [0, 1]
+    image_ids: tuple[str, ...]
+    people: tuple[str, ...]
+    sources: tuple[str, ...]
+    added_in: np.ndarray  # (n,) int: the version number each image arrived in
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What an ingest did: the new version (None when nothing was new) and what it skipped."""
+
+    version: Version | None
+    previous: Version | None
+    added: int
+    duplicates: int  # already in the store
+    repeated: int  # offered more than once in this ingest (the first one counts)
+    relabelled: int  # duplicates whose offered person differs from the stored one (the stored one stays)
+
+
+class FaceStore:
+    """A store folder: read versions without a lock, write them one writer at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- reading --------------------------------------------------------------------------
+    def versions(self) -> list[Version]:
+        """Every complete version, oldest first."""
+        folder = self.root / "versions"
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in folder.iterdir():
+            record = entry / "version.json"
+            if record.is_file():  # a version folder is renamed into place complete; no partial one exists
+                found.append(Version.from_json(json.loads(record.read_text())))
+        return sorted(found, key=lambda version: version.number)
+
+    def latest(self) -> Version | None:
+        """The highest-numbered version, through the LATEST pointer."""
+        pointer = self.root / "LATEST"
+        if pointer.is_file():
+            record = self.root / "versions" / pointer.read_text().strip() / "version.json"
+            if record.is_file():
+                return Version.from_json(json.loads(record.read_text()))
+        versions = self.versions()  # no pointer yet, or a writer died between the version and the pointer
+        return versions[-1] if versions else None
+
+    def resolve(self, reference: str | None) -> Version:
+        """The version a reference names: None or 'latest', a number ('3'), or an id or id prefix (>= 6 hex digits)."""
+        versions = self.versions()
+        if not versions:
+            raise UnknownVersionError(f"the face store {self.root} holds no version yet")
+        text = (reference or "latest").strip().lower()
+        if text == "latest":
+            return self.latest() or versions[-1]
+        matches = [v for v in versions if str(v.number) == text.removeprefix("v")]
+        if not matches and len(text) >= MIN_VERSION_PREFIX and re.fullmatch(r"[0-9a-f]+", text):
+            matches = [v for v in versions if v.id.startswith(text)]
+        if len(matches) != 1:
+            known = ", ".join(f"{v.number} ({v.short})" for v in versions[-5:])
+            problem = "names several versions" if matches else "is not a version"
+            raise UnknownVersionError(
+                f"faces version {reference!r} {problem} in {self.root}; it holds {known}"
+                + (" and older" if len(versions) > 5 else "")
+            )
+        return matches[0]
+
+    def manifest(self, version: Version) -> list[dict[str, str]]:
+        """The version's manifest rows, as strings."""
+        with open(self.root / "versions" / version.id / "manifest.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def read(self, version: Version) -> VersionFaces:
+        """Every image of ``version``, in manifest order: one ``np.load`` per shard."""
+        rows = self.manifest(version)
+        images = np.empty((len(rows), *IMAGE_SHAPE), dtype=np.float32)
+        by_shard: dict[str, tuple[list[int], list[int]]] = {}
+        for position, row in enumerate(rows):
+            targets, sources = by_shard.setdefault(row["shard"], ([], []))
+            targets.append(position)
+            sources.append(int(row["row"]))
+        for shard, (targets, sources) in by_shard.items():
+            stored = np.load(self.root / "images" / shard, mmap_mode="r")
+            start = targets[0]
+            if targets == list(range(start, start + len(targets))) and sources == list(range(len(stored))):
+                images[start : start + len(targets)] = stored  # the usual case: a whole shard in order, one copy
+            else:
+                images[targets] = stored[sources]
+        return VersionFaces(
+            version=version,
+            images=images,
+            image_ids=tuple(row["image_id"] for row in rows),
+            people=tuple(row["person"] for row in rows),
+            sources=tuple(row["source"] for row in rows),
+            added_in=np.array([int(row["added_in"]) for row in rows], dtype=np.int64),
+        )
+
+    def verify(self, version: Version) -> list[str]:
+        """Images whose bytes no longer match their id (a damaged shard); empty when all are intact."""
+        faces = self.read(version)
+        return [
+            f"{source}: image {expected[:12]} reads as {found[:12]}"
+            for source, expected, found in zip(faces.sources, faces.image_ids, image_ids(faces.images))
+            if expected != found
+        ]
+
+    # -- writing --------------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The store's one writer: an exclusive flock, which the kernel drops if the holder dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                self._tidy()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ensure_first_version(self, make: Callable[[], tuple[np.ndarray, Sequence[str], Sequence[str]]]) -> Version:
+        """The latest version; on first use, version 1 from ``make()`` = (images, people, sources)."""
+        existing = self.latest()
+        if existing is not None:
+            return existing
+        with self.locked():
+            existing = self.latest()  # another process may have made it while this one waited
+            if existing is not None:
+                return existing
+            images, people, sources = make()
+            result = self._add_locked(images, people, sources)
+            assert result.version is not None  # an empty store takes every image
+            return result.version
+
+    def add(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str]) -> AddResult:
+        """A new version = the latest + those of ``images`` the store does not hold; nothing when none is new.
+
+        Every image and label is checked before anything is written: bad input leaves the store as it was.
+        """
+        with self.locked():
+            return self._add_locked(images, people, sources)
+
+    def _add_locked(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str]) -> AddResult:
+        if not (len(images) == len(people) == len(sources)):
+            raise StoreError(f"{len(images)} images, {len(people)} people and {len(sources)} sources: one of each per image")
+        if len(images) == 0:
+            raise StoreError("no images to add")
+        images = check_images(images, lambda i: f"image {i} ({sources[i]})" if i >= 0 else "images")
+        names = [check_person(person, f"image {i} ({sources[i]})") for i, person in enumerate(people)]
+        previous = self.latest()
+        rows = self.manifest(previous) if previous else []
+        held = {row["image_id"]: row["person"] for row in rows}
+        ids = image_ids(images)
+        new: list[int] = []
+        seen: set[str] = set()
+        duplicates = repeated = relabelled = 0
+        for index, identity in enumerate(ids):
+            if identity in held:
+                duplicates += 1
+                relabelled += held[identity] != names[index]
+            elif identity in seen:
+                repeated += 1
+            else:
+                seen.add(identity)
+                new.append(index)
+        if not new:
+            return AddResult(None, previous, 0, duplicates, repeated, relabelled)
+        number = (previous.number if previous else 0) + 1
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        placed: Path | None = None
+        try:
+            shard_bytes = _npy_bytes(images[new])
+            shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
+            _write_synced(staging / shard, shard_bytes)
+            new_rows = [
+                {"image_id": ids[i], "person": names[i], "source": str(sources[i]), "added_in": str(number),
+                 "shard": shard, "row": str(row)}
+                for row, i in enumerate(new)
+            ]
+            manifest = _manifest_bytes(rows + new_rows)
+            version = Version(
+                id=hashlib.sha256(manifest).hexdigest(),
+                number=number,
+                parent=previous.id if previous else None,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                people=len({row["person"] for row in rows + new_rows}),
+                images=len(rows) + len(new_rows),
+                added=len(new_rows),
+                duplicates=duplicates + repeated,
+                shards=tuple(dict.fromkeys([*(previous.shards if previous else ()), shard])),
+            )
+            folder = staging / "version"
+            folder.mkdir()
+            _write_synced(folder / "manifest.csv", manifest)
+            _write_synced(folder / "version.json", json.dumps(version.to_json(), indent=1).encode())
+            (self.root / "images").mkdir(exist_ok=True)
+            (self.root / "versions").mkdir(exist_ok=True)
+            placed = self.root / "images" / shard
+            os.replace(staging / shard, placed)
+            os.rename(folder, self.root / "versions" / version.id)  # the commit: the version now exists, whole
+            placed = None
+            _fsync_folder(self.root / "versions")
+            _write_pointer(self.root, version.id)
+        finally:
+            if placed is not None:  # the shard is in place but its version is not: take it back
+                placed.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        return AddResult(version, previous, len(new_rows), duplicates, repeated, relabelled)
+
+    def _tidy(self) -> None:
+        """Under the lock: drop what a killed writer left (staging files, an unreferenced shard) and fix the pointer."""
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+        versions = self.versions()
+        if versions:
+            referenced = {shard for version in versions for shard in version.shards}
+            for shard in (self.root / "images").glob("*.npy"):
+                if shard.name not in referenced:
+                    shard.unlink()
+            pointer = self.root / "LATEST"
+            if not pointer.is_file() or pointer.read_text().strip() != versions[-1].id:
+                _write_pointer(self.root, versions[-1].id)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype="<f4"), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _manifest_bytes(rows: list[dict[str, str]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: a rename must never publish a file whose bytes are still only in the page cache."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_pointer(root: Path, version_id: str) -> None:
+    temporary = root / f".LATEST.{uuid.uuid4().hex}"
+    _write_synced(temporary, (version_id + "\n").encode())
+    os.replace(temporary, root / "LATEST")
