@@ -107,6 +107,20 @@ def log_prob_histogram(log_probs: dict[str, np.ndarray]) -> Figure:
     return figure
 
 
+def images_per_person(counts: dict[str, int], new_people: Sequence[str]) -> Figure:
+    """Images per person of a face-store version, people new in it in another colour."""
+    people = sorted(counts)
+    figure = Figure(figsize=(min(12.0, 2.0 + 0.18 * len(people)), 3.0))
+    axis = figure.subplots()
+    fresh = set(new_people)
+    axis.bar(range(len(people)), [counts[p] for p in people],
+             color=["tab:orange" if p in fresh else "tab:blue" for p in people])
+    axis.set(xlabel=f"person ({len(people)}; new ones in orange)", ylabel="images", xlim=(-0.8, len(people) - 0.2))
+    axis.set_xticks(range(len(people)), people, rotation=90, fontsize=5 if len(people) > 40 else 7)
+    figure.tight_layout()
+    return figure
+
+
 def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

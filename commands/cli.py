@@ -21,8 +21,8 @@ from faceflow.config import FaceflowConfig
 from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
-    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, data_file_from_environment, faces_dir, models_dir,
-    prefect_home, server_start_timeout,
+    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, api_url_from_environment, data_file_from_environment, faces_dir,
+    models_dir, prefect_home, server_start_timeout,
 )
 from tasks.champion import champion_path
 from tasks.olivetti import DataFileError, checked_faces_array
@@ -351,46 +351,63 @@ def ingest(
     resize: Annotated[bool, typer.Option("--resize/--no-resize", help="Resize images that are not 64x64 (said per file); --no-resize refuses them.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
 ) -> None:
-    """Add faces to the face store as a new version: the latest one plus every image it does not hold yet."""
-    from tasks.importers import IngestError, open_store, read_input
+    """Add faces to the face store as a new version: the latest one plus every image it does not hold yet.
+
+    With a Prefect server running (`make ui`, or PREFECT_API_URL) it runs as the faceflow-ingest
+    flow there: the dataset card is an artifact and the new version an event, which triggers the
+    weekly-retrain deployment. Without one, the version is stored and nothing is announced.
+    """
+    from commands.server import recorded_server
     from tasks.data import DataUnavailableError
+    from tasks.importers import ingest as ingest_into, read_input, summary
     from tasks.store import StoreError
 
+    api_url = api_url_from_environment() or recorded_server(prefect_home())
     try:
-        incoming = read_input(path, resize)  # every file read and checked before the store is touched
-    except StoreError as error:
-        typer.echo(f"faceflow ingest refused: {error}", err=True)
-        raise typer.Exit(code=2) from None
-    for note in incoming.notes:
-        typer.echo(note, err=True)
-    try:
-        store, _ = open_store(faces_dir(), data_file_from_environment())
-        result = store.add(incoming.images, incoming.people, incoming.sources)
+        if api_url is None:
+            ingested = ingest_into(path, resize, faces_dir(), data_file_from_environment())
+            notes, done = ingested.notes, summary(ingested)
+        else:
+            notes = read_input(path, resize).notes  # refused here, before any flow run, if it is bad
+            done = _ingest_on_server(path, resize, api_url)
     except (StoreError, DataFileError) as error:
         typer.echo(f"faceflow ingest refused: {error}", err=True)
         raise typer.Exit(code=2) from None
     except (DataUnavailableError, OSError) as error:
         typer.echo(f"faceflow ingest failed: {error}", err=True)
         raise typer.Exit(code=1) from None
-    skipped = result.duplicates + result.repeated
+    for note in notes:
+        typer.echo(note, err=True)
+    if api_url is None and done["version"] is not None:
+        typer.echo("no Prefect server is running (make ui): the version is stored, but no event announced it, "
+                   "so no retraining was triggered", err=True)
+    _print_ingest(done, path, json_output)
+
+
+def _ingest_on_server(path: Path, resize: bool, api_url: str) -> dict:
+    """The faceflow-ingest flow, recorded by the server at ``api_url``: store, dataset card, event."""
+    from commands.runner import recorded_at
+    from flows.ingest import faceflow_ingest
+
+    with recorded_at(api_url):
+        state = faceflow_ingest(path=path, resize=resize, return_state=True)
+    return state.result()  # raises what refused the input
+
+
+def _print_ingest(done: dict, path: Path, json_output: bool) -> None:
+    version, previous = done["version"], done["previous"]
     if json_output:
-        version = result.version or result.previous
-        typer.echo(json.dumps({
-            "version": version.to_json() if version else None, "new_version": result.version is not None,
-            "added": result.added, "duplicates": result.duplicates, "repeated": result.repeated,
-            "relabelled": result.relabelled, "converted": len(incoming.notes),
-        }))
+        typer.echo(json.dumps(done | {"version": version or previous, "new_version": version is not None}))
         return
-    if result.relabelled:
-        typer.echo(f"{result.relabelled} duplicates carry another person's name here; the stored name stays", err=True)
-    if result.version is None:
-        assert result.previous is not None
-        typer.echo(f"nothing new: all {skipped} images are already in version {result.previous.number} ({result.previous.short})")
+    skipped = done["duplicates"] + done["repeated"]
+    if done["relabelled"]:
+        typer.echo(f"{done['relabelled']} duplicates carry another person's name here; the stored name stays", err=True)
+    if version is None:
+        typer.echo(f"nothing new: all {skipped} images are already in version {previous['number']} ({previous['id'][:12]})")
         return
-    version = result.version
     typer.echo(
-        f"version {version.number} ({version.short}): {version.images} images of {version.people} people, "
-        f"{result.added} added, {skipped} duplicates skipped ({result.repeated} repeated within {path})"
+        f"version {version['number']} ({version['id'][:12]}): {version['images']} images of {version['people']} people, "
+        f"{done['added']} added, {skipped} duplicates skipped ({done['repeated']} repeated within {path})"
     )
 
 

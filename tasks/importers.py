@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.olivetti import DataFileError, checked_faces_array
-from tasks.store import IMAGE_SHAPE, FaceStore, StoreError, Version, check_images, check_person
+from tasks.store import IMAGE_SHAPE, AddResult, FaceStore, StoreError, Version, check_images, check_person
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")
 OLIVETTI_PEOPLE = 40
@@ -194,6 +194,51 @@ def open_store(root: Path, data_file: Path | None, download: Callable[[], tuple[
         return incoming.images, incoming.people, incoming.sources
 
     return store, store.ensure_first_version(first)
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What one ingest did, and what the dataset card shows of it."""
+
+    result: AddResult
+    notes: list[str]  # one line per converted or resized file
+    people_counts: dict[str, int]  # images per person in the version now latest
+    new_people: list[str]  # people the new version brought
+    new_images: np.ndarray  # (up to MONTAGE_LIMIT, 64, 64): the images the new version added
+
+
+MONTAGE_LIMIT = 64  # the card shows at most this many of the new faces
+
+
+def ingest(path: Path, resize: bool, store_root: Path, data_file: Path | None) -> Ingested:
+    """Read and check ``path`` whole, then add it to the store at ``store_root`` as a new version.
+
+    Bad input raises IngestError before the store is touched (on first use, version 1 is made
+    from the Olivetti faces only once the input has read clean).
+    """
+    incoming = read_input(path, resize)
+    store, _ = open_store(store_root, data_file)
+    result = store.add(incoming.images, incoming.people, incoming.sources)
+    latest = result.version or result.previous
+    assert latest is not None  # open_store made version 1 at least
+    rows = store.manifest(latest)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["person"]] = counts.get(row["person"], 0) + 1
+    before = {row["person"] for row in store.manifest(result.previous)} if result.previous and result.version else set(counts)
+    new_images = np.empty((0, *IMAGE_SHAPE), dtype=np.float32)
+    if result.version is not None:  # its last shard holds exactly the images it added
+        new_images = np.array(np.load(store.root / "images" / result.version.shards[-1], mmap_mode="r")[:MONTAGE_LIMIT])
+    return Ingested(result, incoming.notes, counts, sorted(set(counts) - before), new_images)
+
+
+def summary(ingested: Ingested) -> dict[str, object]:
+    """What an ingest did, as plain JSON-able data: the flow's result and `faceflow ingest --json`."""
+    result = ingested.result
+    return {"version": result.version.to_json() if result.version else None,
+            "previous": result.previous.to_json() if result.previous else None,
+            "added": result.added, "duplicates": result.duplicates, "repeated": result.repeated,
+            "relabelled": result.relabelled, "new_people": ingested.new_people, "converted": len(ingested.notes)}
 
 
 def _checked(check: Callable[[], object]):  # type: ignore[no-untyped-def]

@@ -247,6 +247,26 @@ def report(
     )
 
 
+@task(name="ingest_faces", cache_policy=NO_CACHE)
+def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
+    """Read, check and add a folder, .npz or .mat of faces to the face store; its dataset card in the UI."""
+    from prefect import get_run_logger
+
+    from artifacts.dataset_card import card_markdown
+    from faceflow.settings import data_file_from_environment, faces_dir
+    from tasks.importers import ingest, summary
+
+    ingested = ingest(path, resize, faces_dir(), data_file_from_environment())
+    for note in ingested.notes:
+        get_run_logger().info(note)
+    done = summary(ingested)
+    if done["version"] is not None:
+        publish_markdown("faceflow-faces", card_markdown(done["version"], done["previous"], ingested.people_counts,
+                                                          ingested.new_people, ingested.new_images, ingested.notes),
+                         f"Faces version {done['version']['number']}: people, images per person, what it added")
+    return done
+
+
 @task(name="score_champion", cache_policy=NO_CACHE)
 def score_champion(models: Path, faces: Faces, judged: list[int]) -> float | None:
     """The champion's mean image-space log p of faces ``judged``: of their pixels, through its own PCA.

@@ -90,6 +90,17 @@ def kill_tagged(tag: str) -> None:
             pass
 
 
+def write_png(path: Path, image) -> "np.ndarray":
+    """Save a [0, 1] image as an 8-bit PNG; returns what reading it back gives (the levels, / 255)."""
+    import numpy as np
+    from PIL import Image
+
+    levels = np.round(np.asarray(image) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(levels).save(path)
+    return levels.astype(np.float32) / 255.0
+
+
 def faceflow(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "commands.cli", *arguments]
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support import write_png
 from tasks.store import FaceStore, image_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,14 +28,6 @@ def faceflow(*arguments: str, store: Path) -> subprocess.CompletedProcess:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def write_png(path: Path, image: np.ndarray) -> np.ndarray:
-    """Save a [0, 1] image as an 8-bit PNG; returns what reading it back gives (the levels, / 255)."""
-    levels = np.round(image * 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(levels).save(path)
-    return levels.astype(np.float32) / 255.0
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from uuid import UUID
 from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
 from support import (
     RunningUI, assert_no_process_left, client, faceflow, listening_addresses, only_loopback, run_deployment,
-    tagged_processes, wait_for_state,
+    tagged_processes, wait_for_state, write_png,
 )
 
 QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
@@ -36,12 +36,13 @@ def wait_for_a_running_task(api_url: str, flow_run_id: UUID, timeout: float) -> 
 
 
 def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
-    tmp_path: Path, tag: str, data_file: Path, prefect_home: Path
+    tmp_path: Path, tag: str, data_file: Path, prefect_home: Path, faces
 ) -> None:
-    ui = RunningUI(tmp_path, tag, data_file, prefect_home)
+    ui = RunningUI(tmp_path, tag, data_file, prefect_home, FACEFLOW_FACES_DIR=str(tmp_path / "faces"),
+                   FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
     assert is_healthy(ui.api_url)
     with client(ui.api_url) as prefect:
-        assert sorted(d.name for d in prefect.read_deployments()) == ["on-demand", "sweep", "weekly-retrain"]
+        assert sorted(d.name for d in prefect.read_deployments()) == ["ingest", "on-demand", "sweep", "weekly-retrain"]
         assert [w.status for w in prefect.read_workers_for_work_pool("faceflow-local")] == ["ONLINE"]
     record = json.loads((ui.home / SERVER_RECORD).read_text())
     assert record["api_url"] == ui.api_url
@@ -63,15 +64,43 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
     cli_run = json.loads(cli.stdout.splitlines()[-1])["flow_run_id"]
     assert f"127.0.0.1:{ui.port}/runs/flow-run/{cli_run}" in cli.stderr
 
-    # Ctrl-C while the worker runs a long flow: everything stops, and the run is recorded as ended.
-    long_run = run_deployment(ui.api_url, "on-demand", {"config": {"train": {"epochs": 20000}, "output_dir": str(outputs)}})
-    assert wait_for_state(ui.api_url, long_run, {"Running"}, timeout=300) == "Running"
-    wait_for_a_running_task(ui.api_url, long_run, timeout=300)  # into the flow's tasks
+    # `faceflow ingest` in another terminal: a new faces version, announced as an event, triggers
+    # weekly-retrain through its deployment trigger (no direct call), which the worker starts.
+    new_people = tmp_path / "new-people"
+    for person in (0, 1):  # mirrored faces: new images, which the store does not hold
+        for k in range(5):
+            write_png(new_people / f"mirror-{person:02d}" / f"{k}.png", faces.images[person * 10 + k][:, ::-1])
+    ingested = subprocess.run(faceflow("ingest", str(new_people), "--json"), env=ui.env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    version = json.loads(ingested.stdout.splitlines()[-1])["version"]
+    assert (version["number"], version["added"], version["people"]) == (2, 10, 42)
+    triggered = wait_for_triggered_run(ui.api_url, "weekly-retrain", timeout=120)
+    assert wait_for_state(ui.api_url, triggered, {"Running"}, timeout=300) == "Running"
+
+    # Ctrl-C while the worker runs that retraining: everything stops, and the run is recorded as ended.
+    wait_for_a_running_task(ui.api_url, triggered, timeout=300)  # into the flow's tasks
     ui.ctrl_c()
     assert_no_process_left(tag)
     assert not (ui.home / SERVER_RECORD).exists()
     with local_server(ui.home, timeout=300) as server, client(server.api_url) as prefect:
-        assert prefect.read_flow_run(long_run).state.name in {"Crashed", "Cancelled"}
+        assert prefect.read_flow_run(triggered).state.name in {"Crashed", "Cancelled"}
+        ingest_flow = prefect.read_flow_by_name("faceflow-ingest").id
+        # The CLI ran the ingest flow on this server, so its dataset card is in the UI too.
+        assert [run.state.name for run in prefect.read_flow_runs() if run.flow_id == ingest_flow] == ["Completed"]
+
+
+def wait_for_triggered_run(api_url: str, deployment: str, timeout: float) -> UUID:
+    """The first flow run of ``deployment`` that an automation (a deployment trigger) created, once it exists."""
+    deadline = time.monotonic() + timeout
+    with client(api_url) as prefect:
+        deployment_id = prefect.read_deployment_by_name(f"faceflow-retrain/{deployment}").id
+        while time.monotonic() < deadline:
+            for run in prefect.read_flow_runs():
+                if run.deployment_id == deployment_id and run.created_by and run.created_by.type == "AUTOMATION":
+                    return run.id
+            time.sleep(0.5)
+    raise AssertionError(f"no run of {deployment} was created by its trigger within {timeout} s")
 
 
 def test_a_second_make_ui_for_the_same_home_is_refused(tmp_path: Path, tag: str, data_file: Path, prefect_home: Path) -> None:
