@@ -136,8 +136,13 @@ def test_the_command_line_refuses_bad_input_before_any_work(case: str, tmp_path:
 
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> str:
+    from commands.runner import flush_to_api
+
     with local_server(copy_home(migrated_home, tmp_path_factory.mktemp("flow-validation") / "home"), timeout=300) as server:
         yield server.api_url
+        # The flows' last logs reach the server before it stops: logs still queued for a stopped
+        # server kept the test session from exiting ("Still processing items").
+        flush_to_api()
 
 
 # Data-file cases the flow's parameter validation passes (the file exists): fetch_faces reads and refuses them.

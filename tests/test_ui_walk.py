@@ -115,13 +115,15 @@ def sweep_fits_the_panel(ui: RunningUI, page) -> None:
     """faces_sweep's own artifact code on rows of a sweep's shape: its table fits, its free text is listed below."""
     from playwright.sync_api import expect
     from prefect import flow
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from commands.runner import recorded_at
     from flows.sweep import publish_ranking
 
     def publish() -> None:
         # In a flow run, as faces_sweep publishes it: Prefect deprecates artifacts made outside one.
-        with temporary_settings({PREFECT_API_URL: ui.api_url}):
+        # Its logs are flushed before the UI stops: logs queued for a stopped server held up the
+        # test session's exit.
+        with recorded_at(ui.api_url):
             flow(name="walk-sweep-ranking", persist_result=False)(publish_ranking)(SWEEP_ROWS)
 
     # In a thread of its own: Playwright's event loop runs in this one, and Prefect, seeing a
