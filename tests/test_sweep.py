@@ -23,7 +23,7 @@ DIVERGING_RATE = 1.0
 
 def spec_file(folder: Path, outputs: Path, rates: list[float]) -> Path:
     spec = {
-        "base": {"data": {"validation_per_person": 1}, "train": {"epochs": 600, "hidden_units": 64}, "output_dir": str(outputs)},
+        "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 600, "hidden_units": 64}, "output_dir": str(outputs)},
         "grid": {"train.learning_rate": rates},
     }
     path = folder / f"sweep-{len(rates)}.yaml"
