@@ -31,7 +31,7 @@ FLOW = "faceflow RealNVP"
 # The recipe before issue 13, as a preset: PCA and flow on 7 images per person, early stopping on
 # an eighth, three couplings, every fit face in each batch. Everything else is as today's defaults.
 PREVIOUS_DEFAULT = FaceflowConfig(
-    data=DataConfig(validation_per_person=1),
+    data=DataConfig(validation_fraction=0.1),
     train=TrainConfig(num_layers=3, batch_size=280),
 )
 RECIPES = {"previous default": PREVIOUS_DEFAULT, "new default": FaceflowConfig()}
@@ -61,7 +61,7 @@ def tuning_rows(faces: Faces, recipes: dict[str, FaceflowConfig] = RECIPES) -> l
     rows = []
     for split_seed in TUNING_SPLITS:
         for name, config in recipes.items():
-            split = tuning_split_indices(faces.target, _with_split_seed(config, split_seed))
+            split = tuning_split_indices(faces, _with_split_seed(config, split_seed))
             _, scored = train_and_score(faces, split, config)
             rows.append({"recipe": name, "split_seed": split_seed, "validation_log_prob": scored["log_prob"],
                          "train_seconds": scored["train_seconds"]})
@@ -77,7 +77,7 @@ def confirmation_rows(faces: Faces, recipes: dict[str, FaceflowConfig] = RECIPES
     rows = []
     for split_seed in CONFIRMATION_SPLITS:
         for name, config in recipes.items():
-            split = split_indices(faces.target, _with_split_seed(config, split_seed))
+            split = split_indices(faces, _with_split_seed(config, split_seed))
             pca, scored = train_and_score(faces, split, config)
             rows.append({"recipe": name, "method": FLOW, "split_seed": split_seed, "heldout_log_prob": scored["log_prob"],
                          "bits_per_dim": bits_per_dim(scored["log_prob"], pca.n_components),

@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.flow_runs import REPO_ROOT, cli_env
 
 SPEC = {
-    "base": {"data": {"validation_per_person": 1}, "train": {"epochs": 2500}},
+    "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 2500}},
     "grid": {"train.learning_rate": [0.003, 0.005], "train.num_layers": [3, 4]},
 }
 

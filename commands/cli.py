@@ -15,6 +15,8 @@ import numpy as np
 import typer
 from pydantic import BaseModel, ValidationError
 
+from tasks.data import FacesVersionError
+from tasks.store import StoreError
 from artifacts.run_folder import OutputFolderError, check_output_folder
 from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
@@ -131,10 +133,36 @@ def _refuse_bad_input(config: FaceflowConfig) -> float:
         if data_file is not None:
             checked_faces_array(data_file)
         check_output_folder(config.output_dir)
+        _check_faces_version(config, data_file)
         return server_start_timeout()
-    except (DataFileError, OutputFolderError, SettingError) as error:
+    except (DataFileError, OutputFolderError, SettingError, FacesVersionError, StoreError) as error:
         typer.echo(f"faceflow run refused: {error}", err=True)
         raise typer.Exit(code=2) from None
+
+
+def _check_faces_version(config: FaceflowConfig, data_file: Path | None) -> None:
+    """The faces version exists and can serve ``config`` (people, endpoints, components); ValueError naming the field.
+
+    From the version's manifest, no pixels. On first use with a data file, version 1 is made here
+    (the run needs it anyway); without one it would be a download, which the flow's fetch retries,
+    so the flow checks instead.
+    """
+    from faceflow.settings import faces_dir
+    from tasks.data import FaceLabels, check_config_against
+    from tasks.importers import open_store
+    from tasks.store import FaceStore, UnknownVersionError
+
+    store = FaceStore(faces_dir())
+    if store.latest() is None:
+        if data_file is None:
+            return
+        store, _ = open_store(store.root, data_file)
+    try:
+        version = store.resolve(config.data.faces_version)
+    except UnknownVersionError as error:
+        raise FacesVersionError(f"data.faces_version: {error}") from None
+    rows = store.manifest(version)
+    check_config_against(FaceLabels.of([r["image_id"] for r in rows], [r["person"] for r in rows]), config)
 
 
 def run(**options: Any) -> None:

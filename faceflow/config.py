@@ -12,10 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-IMAGES_PER_PERSON = 10
-N_PEOPLE = 40
-N_IMAGES = IMAGES_PER_PERSON * N_PEOPLE
 N_PIXELS = 64 * 64
+# A person with fewer images than this is fitted on whole: a split part of a person this small
+# would often be empty or the person's every image. Counted in the split's table.
+MIN_IMAGES_TO_SPLIT = 3
+# Interpolation needs two people beside the new-people folds' people.
+MIN_KNOWN_PEOPLE = 2
+# An interpolation endpoint: an image id or a prefix of one (hex), or person:index.
+ENDPOINT_PATTERN = r"[0-9a-f]{6,64}|[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[0-9]{1,6}"
 
 
 class _Section(BaseModel):
@@ -27,19 +31,24 @@ class DataConfig(_Section):
 
     data_file: Path | None = Field(
         None,
-        description="Local olivettifaces.mat; when unset, FACEFLOW_DATA_FILE, "
-        "then scikit-learn's download (and its on-disk cache).",
+        description="Local olivettifaces.mat that becomes the face store's version 1 on first use (checked on "
+        "every run); when unset, FACEFLOW_DATA_FILE, then scikit-learn's download (and its on-disk cache).",
     )
-    heldout_per_person: int = Field(
-        2, ge=1, le=8, description="Images per person kept out of training for evaluation."
+    faces_version: str = Field(
+        "latest", min_length=1, max_length=64,
+        description="Version of the face store to run on: 'latest', a number (1, 2, ...) or a version id "
+        "(or a prefix of at least 6 hex digits); `faceflow faces` lists them. A run resolves it once, to an id.",
     )
-    validation_per_person: int = Field(
-        0,
-        ge=0,
-        le=8,
-        description="Training images per person set aside (unseen by PCA and flow) for early stopping "
-        "and the baselines' choices; 0: PCA and flow fit every training image for exactly `epochs` "
-        "(chosen on validation while tuning), and the baselines choose by cross-validation.",
+    heldout_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="Share of each person's images kept out of training for evaluation, decided per image "
+        "from a hash of the split seed and the image id: adding images never moves one.",
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Share of the images set aside (unseen by PCA and flow) for early stopping and the baselines' "
+        "choices, decided per image like the held-out ones; 0: PCA and flow fit every training image for exactly "
+        "`epochs` (chosen on validation while tuning), and the baselines choose by cross-validation.",
     )
     split_seed: int = Field(0, ge=0, strict=True, description="Seed of the held-out split and of the new people.")
     new_people_per_fold: int = Field(
@@ -60,35 +69,13 @@ class DataConfig(_Section):
         return path
 
     @model_validator(mode="after")
-    def _every_person_keeps_training_images(self) -> DataConfig:
-        kept = IMAGES_PER_PERSON - self.heldout_per_person - self.validation_per_person
-        if kept < 1:
+    def _fit_images_are_left(self) -> DataConfig:
+        if self.heldout_fraction + self.validation_fraction > 0.9:
             raise ValueError(
-                f"heldout_per_person ({self.heldout_per_person}) + validation_per_person "
-                f"({self.validation_per_person}) must leave each person at least 1 of "
-                f"{IMAGES_PER_PERSON} images for training (sum at most {IMAGES_PER_PERSON - 1})"
+                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) "
+                "must leave at least a tenth of the images for training (sum at most 0.9)"
             )
         return self
-
-    @model_validator(mode="after")
-    def _new_people_folds_are_disjoint(self) -> DataConfig:
-        if self.new_people_per_fold * self.new_people_folds > N_PEOPLE:
-            raise ValueError(
-                f"new_people_per_fold ({self.new_people_per_fold}) x new_people_folds ({self.new_people_folds}) "
-                f"exceeds the {N_PEOPLE} people: folds hold disjoint people"
-            )
-        return self
-
-    @property
-    def n_fit_images(self) -> int:
-        """Images the PCA and the flow are fitted on."""
-        per_person = IMAGES_PER_PERSON - self.heldout_per_person - self.validation_per_person
-        return per_person * N_PEOPLE
-
-    @property
-    def n_fit_images_without_new_people(self) -> int:
-        """Images the PCA and the flow of a new-people fold are fitted on."""
-        return self.n_fit_images // N_PEOPLE * (N_PEOPLE - self.new_people_per_fold)
 
 
 class PCAConfig(_Section):
@@ -110,8 +97,9 @@ class TrainConfig(_Section):
 
     epochs: int = Field(700, ge=1, le=100_000, description="Passes over the training faces.")
     batch_size: int = Field(
-        320, ge=1, le=4096,
-        description="Faces per optimisation step; 320 is every fit face (steps cost little more than at 32).",
+        512, ge=1, le=4096,
+        description="Faces per optimisation step; 512 holds every fit face of the Olivetti version (about 320), "
+        "so each epoch is one full batch there (steps cost little more than at 32).",
     )
     learning_rate: float = Field(5e-3, gt=0.0, le=1.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="AdamW weight decay.")
@@ -148,22 +136,21 @@ class SampleConfig(_Section):
 class InterpolateConfig(_Section):
     """A walk through latent space between two real faces of different people."""
 
-    index_a: int = Field(0, ge=0, lt=N_IMAGES, description="First face (0..399).")
-    index_b: int = Field(130, ge=0, lt=N_IMAGES, description="Second face, another person (0..399).")
+    face_a: str = Field(
+        "olivetti-00:0", pattern=f"^({ENDPOINT_PATTERN})$",
+        description="First face: person:index (the index-th image of that person in the version) or an image id "
+        "(or a prefix of at least 6 hex digits of one).",
+    )
+    face_b: str = Field("olivetti-13:0", pattern=f"^({ENDPOINT_PATTERN})$", description="Second face, another person.")
     steps: int = Field(8, ge=2, le=64, description="Faces along the path, both ends included.")
     method: Literal["linear", "spherical"] = Field(
         "spherical", description="Interpolation in latent space."
     )
 
     @model_validator(mode="after")
-    def _different_people(self) -> InterpolateConfig:
-        person_a = self.index_a // IMAGES_PER_PERSON
-        person_b = self.index_b // IMAGES_PER_PERSON
-        if person_a == person_b:
-            raise ValueError(
-                f"index_a ({self.index_a}) and index_b ({self.index_b}) are both person "
-                f"{person_a}; choose images of two different people (person = index // 10)"
-            )
+    def _two_faces(self) -> InterpolateConfig:
+        if self.face_a == self.face_b:
+            raise ValueError(f"face_a and face_b are both {self.face_a!r}; choose images of two different people")
         return self
 
 
@@ -202,20 +189,11 @@ class FaceflowConfig(_Section):
     baselines: BaselineConfig = BaselineConfig()
 
     @model_validator(mode="after")
-    def _components_fit_the_data(self) -> FaceflowConfig:
-        # Centred data of n images has rank n - 1; couplings need an even count. The PCA of a
-        # new-people fold sees the fewest images.
-        limit = min(self.data.n_fit_images_without_new_people - 1, N_PIXELS)
-        limit -= limit % 2
+    def _components_are_even(self) -> FaceflowConfig:
+        # Whether the data allows this many is checked at run start, against the version's fit images.
         wanted = self.pca.n_components
-        if wanted is not None and wanted > limit:
-            raise ValueError(
-                f"pca.n_components ({wanted}) exceeds what the data allows: at most {limit} "
-                f"(the PCA is fitted on {self.data.n_fit_images} images, "
-                f"{self.data.n_fit_images_without_new_people} in a new-people fold)"
-            )
-        if self.pca.n_components is not None and self.pca.n_components % 2:
-            raise ValueError(
-                f"pca.n_components ({wanted}) must be even: coupling layers split it in halves"
-            )
+        if wanted is not None and wanted % 2:
+            raise ValueError(f"pca.n_components ({wanted}) must be even: coupling layers split it in halves")
+        if wanted is not None and wanted > N_PIXELS:
+            raise ValueError(f"pca.n_components ({wanted}) exceeds the {N_PIXELS} pixels")
         return self

@@ -53,8 +53,8 @@ class RandomSearch(BaseModel):
     )
 
 
-# Sweeps compare validation log p, so their runs keep validation faces (one per person).
-SWEEP_BASE = {"data": {"validation_per_person": 1}}
+# Sweeps compare validation log p, so their runs keep validation faces (a tenth of them).
+SWEEP_BASE = {"data": {"validation_fraction": 0.1}}
 
 
 class SweepSpec(BaseModel):
@@ -126,8 +126,8 @@ def expand(spec: SweepSpec) -> list[tuple[dict[str, Any], FaceflowConfig]]:
                 f"{'.'.join(str(p) for p in problem['loc']) or 'config'}: {problem['msg']}" for problem in error.errors()
             )
             raise SpecError(f"sweep configuration {number} ({values or 'the base'}) is invalid: {problems}") from None
-    if not any(config.data.validation_per_person for _, config in configs):
-        raise SpecError(f"a sweep ranks by validation log p: set base.data.validation_per_person >= 1 (now {DataConfig().validation_per_person})")
+    if not any(config.data.validation_fraction for _, config in configs):
+        raise SpecError(f"a sweep ranks by validation log p: set base.data.validation_fraction above 0 (now {DataConfig().validation_fraction})")
     return configs
 
 

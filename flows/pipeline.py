@@ -13,9 +13,9 @@ from faceflow.config import FaceflowConfig
 from faceflow.keys import content_key, project_source_digest
 from faceflow.threads import limited_threads
 from flows.states import TaskStates
-from tasks.data import resolve_data_file
+from tasks.data import check_config_against, interpolation_endpoints, resolve_data_file
 from tasks.devices import resolve_device
-from tasks.results import RunReport
+from tasks.results import Faces, RunReport
 from tasks.steps import (
     build_dataloader, fetch_faces, fit_baselines, fit_pca, interpolate_faces, report, sample_faces, score_log_prob,
     score_new_people, split_faces, train_realnvp,
@@ -29,6 +29,12 @@ class PipelineResult:
     report: RunReport
     task_states: dict[str, str]
     repairs: tuple[str, ...]  # what was wrong with the run folder, which this run wrote again
+    config: FaceflowConfig | None = None  # as run: data.faces_version resolved to the version's id
+
+
+def with_version(config: FaceflowConfig, version_id: str) -> FaceflowConfig:
+    """``config`` with data.faces_version resolved to an id: "latest" names another version after an ingest."""
+    return config.model_copy(update={"data": config.data.model_copy(update={"faces_version": version_id})})
 
 
 def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
@@ -43,14 +49,18 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
 
 @flow(name="faceflow", persist_result=True)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
-    """Learn a RealNVP on PCA-reduced Olivetti faces, then sample, score, interpolate and report."""
+    """Learn a RealNVP on PCA-reduced faces of a face store version, then sample, score, interpolate and report."""
     device = resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     check_output_folder(config.output_dir)
-    run_folder = run_folder_for(config, data_file)
     steps = TaskStates()
     with limited_threads(config.threads), steps.stopping_others_on_failure():
-        arguments = _run_tasks(steps, config, data_file, device)
+        # The version is resolved once, here; every later step, the run folder and config.json see its id.
+        faces = steps.run(fetch_faces, data_file, config.data.faces_version)
+        check_config_against(faces, config)  # too few people, bad endpoints, too many components: before any work
+        config = with_version(config, faces.version)
+        run_folder = run_folder_for(config, None)
+        arguments = _run_tasks(steps, config, faces, device)
         written = steps.run(report, run_folder, *arguments)
         # Verified, not trusted: a cached report whose folder has lost or changed a file writes it again.
         repairs = tuple(run_folder_problems(run_folder)) if steps.names["report"] == "Cached" else ()
@@ -58,12 +68,11 @@ def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResu
             get_run_logger().warning(f"run folder {run_folder}: {'; '.join(repairs)}; writing it again")
             written = steps.run(report.with_options(refresh_cache=True), run_folder, *arguments)
     publish_table("faceflow-cache", steps.rows(), "Each task of this run: computed, or served from the cache")
-    return PipelineResult(written, steps.names, repairs)
+    return PipelineResult(written, steps.names, repairs, config)
 
 
-def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None, device: str) -> tuple:
-    """Every step before the report; returns the report's inputs after the run folder."""
-    faces = steps.run(fetch_faces, data_file)
+def _run_tasks(steps: TaskStates, config: FaceflowConfig, faces: Faces, device: str) -> tuple:
+    """Every step after fetching and before the report; returns the report's inputs after the run folder."""
     split = steps.run(split_faces, faces, config.data)
     # The new-people models need only the faces: with `parallel` they train on another thread
     # (torch releases the GIL; measured 0.56-0.63 of the time of one after the other).
@@ -75,6 +84,6 @@ def _run_tasks(steps: TaskStates, config: FaceflowConfig, data_file: Path | None
     baselines = steps.run(fit_baselines, pca, split, config.baselines, config.seed)
     samples = steps.run(sample_faces, trained, pca, split, config.sample, config.seed)
     scores = steps.run(score_log_prob, trained, pca, faces, split, samples)
-    interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate)
+    interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate, *interpolation_endpoints(faces, config))
     new_people = steps.result(pending) if pending else steps.run(score_new_people, *new_people_arguments)
     return split, pca, trained, samples, scores, interpolation, baselines, new_people, config

@@ -26,8 +26,8 @@ from tasks.data import resolve_data_file
 from tasks.steps import fetch_faces, promote_champion, score_champion, split_faces
 
 CHAMPION_VARIABLE = "faceflow-champion"
-# Promotion compares validation log p, so a retraining run keeps validation faces (one per person).
-RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_per_person=1))
+# Promotion compares validation log p, so a retraining run keeps validation faces (a tenth of them).
+RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_fraction=0.1))
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ def seed_for(scheduled: datetime.datetime) -> int:
 
 def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, error: str | None) -> dict:
     metrics = result.report.metrics if result else {}
+    version = result.config.data.faces_version if result and result.config else None
     return {
-        "time": now_utc(), "challenger": source, "seed": seed,
+        "time": now_utc(), "challenger": source, "seed": seed, "faces version": version,
         "validation log p": metrics.get("validation_log_prob"), "held-out log p": metrics.get("heldout_log_prob"),
         "promoted": False, "why": error or "", "run folder": str(result.report.folder) if result else None,
     }
@@ -71,8 +72,8 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     on, by the log p of their pixels (image space), so champions of other PCA bases compare fairly;
     held-out faces decide nothing. Every challenger gets a leaderboard row, with the count of faces judged.
     """
-    if config.data.validation_per_person < 1:
-        raise ValueError("promotion compares validation log p: config.data.validation_per_person must be at least 1")
+    if config.data.validation_fraction <= 0:
+        raise ValueError("promotion compares validation log p: config.data.validation_fraction must be above 0")
     models = models_dir()
     state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
     if state.is_failed() or state.is_crashed():
@@ -85,11 +86,12 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     # Judged in image space (the pixels' log p), so models of different PCA bases compare, on the
     # challenger's validation faces that the champion was not fitted on either.
     champion = read_champion(models)
-    faces = fetch_faces(resolve_data_file(config.data))
-    judged = split_faces(faces, config.data).validation.tolist()
+    ran = challenger.config or config  # data.faces_version resolved to the id the challenger ran on
+    faces = fetch_faces(resolve_data_file(ran.data), ran.data.faces_version)
+    judged = split_faces(faces, ran.data).validation.tolist()
     champion_validation = None
     if champion is not None:
-        judged = unseen_by_champion(models, judged)
+        judged = unseen_by_champion(models, judged, faces.image_ids)
         champion_validation = score_champion(models, faces, judged) if judged else None
     challenger_validation = validation_image_log_prob(challenger.report.folder, judged) if judged else None
     if champion is not None and judged and champion_validation is None:
@@ -103,7 +105,7 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
             config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": Path(".")})),
             validation_log_prob=challenger.report.metrics["validation_log_prob"],
             heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at=now_utc(),
-            metrics=challenger.report.metrics,
+            metrics=challenger.report.metrics, faces_version=ran.data.faces_version,
         )
         promote_champion(challenger.report.folder, record, models)
         Variable.set(CHAMPION_VARIABLE, record.to_json(), overwrite=True)

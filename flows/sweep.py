@@ -103,9 +103,9 @@ def _shared_upstream(configs: list[tuple[dict[str, Any], FaceflowConfig]], steps
     prepared = []
     for number, (values, config) in enumerate(configs, start=1):
         data_file = resolve_data_file(config.data)
-        data_key = str(data_file)
+        data_key = f"{data_file}:{config.data.faces_version}"
         if data_key not in faces:
-            faces[data_key] = steps.run(fetch_faces, data_file)
+            faces[data_key] = steps.run(fetch_faces, data_file, config.data.faces_version)
         split_key = data_key + config.data.model_dump_json()
         if split_key not in splits:
             splits[split_key] = steps.run(split_faces, faces[data_key], config.data)

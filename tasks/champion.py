@@ -42,6 +42,7 @@ class ChampionRecord:
     heldout_log_prob: float
     promoted_at: str
     metrics: dict[str, float]
+    faces_version: str = ""  # the face store version id it was fitted on ("" for champions before versions)
 
     def to_json(self) -> dict[str, object]:
         return {k: json_safe(v) for k, v in asdict(self).items()}
@@ -73,13 +74,17 @@ def decide(challenger_validation: float, champion_validation: float | None, marg
     )
 
 
-def unseen_by_champion(models_dir: Path, validation: list[int]) -> list[int]:
-    """The challenger's validation faces the champion was not fitted on (its split.json), by image index.
+def unseen_by_champion(models_dir: Path, validation: list[int], image_ids: tuple[str, ...] = ()) -> list[int]:
+    """The challenger's validation faces the champion was not fitted on (its split.json), by image id.
 
-    With the same data and split seed that is all of them; a changed split seed would otherwise
-    let the champion be judged on faces it learnt.
+    By id when both sides have them: the champion may have been fitted on another faces version,
+    whose indices do not index this one's images. By index for a champion from before versions.
     """
-    fitted = set(json.loads((champion_path(models_dir) / "split.json").read_text())["fit"])
+    split = json.loads((champion_path(models_dir) / "split.json").read_text())
+    if image_ids and "fit_ids" in split:
+        fitted_ids = set(split["fit_ids"])
+        return [index for index in validation if image_ids[index] not in fitted_ids]
+    fitted = set(split["fit"])
     return [index for index in validation if index not in fitted]
 
 

@@ -74,20 +74,20 @@ def interpolate_latent(z_a: np.ndarray, z_b: np.ndarray, weights: np.ndarray, me
 
 
 def interpolate_between(
-    trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig
+    trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig, index_a: int, index_b: int
 ) -> Interpolation:
-    """Map two real faces to latent space, walk between them, map back to images."""
+    """Map two real faces (``index_a``, ``index_b``: config.face_a and face_b resolved in the version) to latent space, walk between them, map back."""
     model = trained_model(trained)
-    endpoints = torch.from_numpy(pca.coords[[config.index_a, config.index_b]])
+    endpoints = torch.from_numpy(pca.coords[[index_a, index_b]])
     weights = interpolation_weights(config.steps)
     with torch.no_grad():
         z = model.inverse(endpoints).numpy().astype(np.float64)
         path = interpolate_latent(z[0], z[1], weights, config.method)
         coords = model.forward(torch.from_numpy(path).float()).numpy()
     return Interpolation(
-        key=content_key("interpolation", trained, pca, config),
-        index_a=config.index_a,
-        index_b=config.index_b,
+        key=content_key("interpolation", trained, pca, config, index_a, index_b),
+        index_a=index_a,
+        index_b=index_b,
         method=config.method,
         weights=weights,
         images=to_images(pca, coords),

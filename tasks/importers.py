@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.olivetti import DataFileError, checked_faces_array
+from tasks.olivetti import OLIVETTI_IMAGES_PER_PERSON, DataFileError, checked_faces_array
 from tasks.store import IMAGE_SHAPE, AddResult, FaceStore, StoreError, Version, check_images, check_person
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")
-OLIVETTI_PEOPLE = 40
-OLIVETTI_IMAGES_PER_PERSON = 10  # the Olivetti .mat layout: each person's images are consecutive columns
 
 
 class IngestError(StoreError):

@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from faceflow.config import IMAGES_PER_PERSON, N_IMAGES, N_PIXELS
+from faceflow.config import N_PIXELS
 
 IMAGE_SHAPE = (64, 64)
 VARIABLE = "faces"
-EXPECTED_SHAPE = (N_PIXELS, N_IMAGES)  # one image per column, as the original file has
+# The Olivetti file's layout, this reader's knowledge only: 40 people x 10 consecutive images,
+# one image per column. The pipeline itself takes any version of the face store.
+OLIVETTI_IMAGES_PER_PERSON = 10
+OLIVETTI_IMAGES = 40 * OLIVETTI_IMAGES_PER_PERSON
+EXPECTED_SHAPE = (N_PIXELS, OLIVETTI_IMAGES)
 
 
 class DataFileError(ValueError):
@@ -38,7 +42,7 @@ def _load_matlab(path: Path) -> dict[str, object]:
         raise DataFileError(f"data file {name} is not a readable MATLAB .mat file ({reason})") from None
 
 
-def checked_faces_array(path: Path, columns: int | None = N_IMAGES) -> np.ndarray:
+def checked_faces_array(path: Path, columns: int | None = OLIVETTI_IMAGES) -> np.ndarray:
     """The raw ``faces`` variable of ``path``, after every check the pipeline relies on.
 
     ``columns``: the image count required (the Olivetti file's 400), or None for any count, as
@@ -73,6 +77,6 @@ def read_olivetti_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     faces = checked_faces_array(path).T.astype(np.float32)
     faces -= faces.min()
     faces /= faces.max()
-    images = faces.reshape(N_IMAGES, *IMAGE_SHAPE).transpose(0, 2, 1)
-    target = np.repeat(np.arange(N_IMAGES // IMAGES_PER_PERSON), IMAGES_PER_PERSON)
+    images = faces.reshape(OLIVETTI_IMAGES, *IMAGE_SHAPE).transpose(0, 2, 1)
+    target = np.repeat(np.arange(OLIVETTI_IMAGES // OLIVETTI_IMAGES_PER_PERSON), OLIVETTI_IMAGES_PER_PERSON)
     return np.ascontiguousarray(images), target

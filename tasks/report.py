@@ -139,11 +139,15 @@ def build_report(
 ) -> BuiltReport:
     """The report and every file of the run folder; ``config`` is recorded as config.json."""
     metrics = run_metrics(trained, pca, scores, samples, baselines, new_people)
+    metrics["fit_faces"] = float(len(split.fit))
+    metrics["people_fitted_whole"] = float(len(split.fitted_whole))
     baseline_table = baseline_frame(baselines, pca.n_components, new_people, pca.n_pixels)
     comparison = comparison_table(metrics, baseline_table)
     image_comparison = image_comparison_table(metrics, baseline_table)
     findings = conclusions(metrics, baseline_table)
     pngs = render_figures(trained, pca, scores, samples, interpolation)
+    # The report names the faces version it was computed on (config.json holds the whole id).
+    run_name = f"{run_name}, faces version {config.data.faces_version[:12]}"
     on_disk = report_markdown(metrics, comparison, findings, FIGURES, run_name, image_comparison)
     embedded = report_markdown(
         metrics, comparison, findings, {name: data_uri(png) for name, png in pngs.items()}, run_name, image_comparison

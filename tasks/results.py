@@ -19,13 +19,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Faces:
-    """The 400 images (float32 in [0, 1]) and person ids, as scikit-learn returns them."""
+    """One version's images (float32 in [0, 1]) in manifest order, their ids and people."""
 
-    key: str
-    images: np.ndarray  # (400, 64, 64) float32
-    target: np.ndarray  # (400,) int, person 0..39
-    source: str  # the data file, or the download
-    sha256: str  # of the data file's bytes; of the arrays for a download
+    key: str  # from the version id (the Olivetti arrays' digest when read straight from the file)
+    images: np.ndarray  # (n, 64, 64) float32
+    target: np.ndarray  # (n,) int: index into ``people``
+    source: str  # the face store and version, or the data file / download for a direct read
+    sha256: str  # the version id; the data file's sha256 (the arrays' for a download) for a direct read
+    image_ids: tuple[str, ...] = ()  # sha256 of each image's float32 bytes (tasks.store.image_id)
+    people: tuple[str, ...] = ()  # person names, sorted; target indexes them
+    version: str = ""  # the face store version id; "" for a direct read of the Olivetti file
+    version_number: int = 0
+
+    def person_of(self, index: int) -> str:
+        return self.people[int(self.target[index])]
 
     @property
     def flat(self) -> np.ndarray:
@@ -34,23 +41,26 @@ class Faces:
 
 @dataclass(frozen=True)
 class Split:
-    """Indices into the 400 faces: what the models fit on, early-stop on, and are judged on."""
+    """Indices into the version's faces: what the models fit on, early-stop on, and are judged on."""
 
     key: str
     fit: np.ndarray
     validation: np.ndarray
     heldout: np.ndarray
+    fitted_whole: tuple[str, ...] = ()  # people with too few images to split: every image of theirs is in ``fit``
+    image_ids: tuple[str, ...] = ()  # the version's image ids, which the indices index
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "train": sorted(int(i) for i in np.concatenate([self.fit, self.validation])),
-                "fit": self.fit.tolist(),
-                "validation": self.validation.tolist(),
-                "heldout": self.heldout.tolist(),
-            },
-            indent=1,
-        )
+        record: dict[str, object] = {
+            "train": sorted(int(i) for i in np.concatenate([self.fit, self.validation])),
+            "fit": self.fit.tolist(),
+            "validation": self.validation.tolist(),
+            "heldout": self.heldout.tolist(),
+            "fitted_whole": list(self.fitted_whole),
+        }
+        if self.image_ids:  # by id too: indices of one version need not index another's images
+            record |= {f"{part}_ids": [self.image_ids[i] for i in getattr(self, part)] for part in ("fit", "validation", "heldout")}
+        return json.dumps(record, indent=1)
 
 
 @dataclass(frozen=True)

@@ -59,17 +59,22 @@ def _is_network_failure(task: object, task_run: TaskRun, state: State) -> bool:
     return False
 
 
-@task(name="fetch_faces", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_is_network_failure, **STEP)
-def fetch_faces(data_file: Path | None) -> Faces:
-    """The 400 Olivetti faces from a local file or scikit-learn's download."""
-    from tasks.data import load_faces
+@task(name="fetch_faces", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_is_network_failure,
+      cache_policy=NO_CACHE, persist_result=False)
+def fetch_faces(data_file: Path | None, faces_version: str) -> Faces:
+    """The faces of version ``faces_version`` of the face store; on first use version 1 is the Olivetti faces.
 
-    faces = load_faces(data_file)
-    # One row per item, not one wide row: the path and the sha256 then fit the UI's artifact panel.
+    Not cached: "latest" names another version after an ingest. Reading a version is a few
+    ``np.load`` calls, and the faces' key (from the version id) keys every step after it.
+    """
+    from tasks.data import open_faces
+
+    faces = open_faces(data_file, faces_version)
+    # One row per item, not one wide row: the ids then fit the UI's artifact panel.
     publish_table("faceflow-data", [
         {"item": item, "value": value} for item, value in (
-            ("faces", len(faces.images)), ("people", len(set(faces.target.tolist()))), ("image", "64 x 64"),
-            ("source", faces.source), ("sha256", faces.sha256),
+            ("faces version", faces.version_number), ("version id", faces.version),
+            ("faces", len(faces.images)), ("people", len(faces.people)), ("image", "64 x 64"), ("source", faces.source),
         )
     ], "The faces this run read")
     return faces
@@ -77,18 +82,20 @@ def fetch_faces(data_file: Path | None) -> Faces:
 
 @task(name="split_faces", **STEP)
 def split_faces(faces: Faces, config: DataConfig) -> Split:
-    """Seeded held-out / validation / fit split, a fixed number of images per person."""
+    """Each image's part from a hash of the split seed and its id: stable when images are added."""
     from tasks.data import split_indices
 
-    split = split_indices(faces.target, config)
-    people = len(set(faces.target.tolist()))
+    split = split_indices(faces, config)
+    people = len(faces.people)
     publish_table("faceflow-split", [
         {"part": part, "images": len(index), "per person": len(index) / people, "seen by": seen}
         for part, index, seen in (
             ("fit", split.fit, "PCA and flow"), ("validation", split.validation, "early stopping only"),
             ("held-out", split.heldout, "the report only"),
         )
-    ], f"Split seed {config.split_seed}")
+    ], f"Split seed {config.split_seed}, faces version {faces.version_number}; "
+       f"{len(split.fitted_whole)} people with too few images to split are fitted on whole"
+       + (f" ({', '.join(split.fitted_whole[:10])})" if split.fitted_whole else ""))
     return split
 
 
@@ -169,7 +176,7 @@ def score_new_people(
 
     new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device, cancelled=_stop_requested())
     publish_table("faceflow-new-people", [
-        {"fold": number, "people": ", ".join(map(str, fold.people)), "flow log p": fold.flow_log_prob}
+        {"fold": number, "people": ", ".join(faces.people[p] for p in fold.people), "flow log p": fold.flow_log_prob}
         | {f"{name} log p": value for name, value in fold.baseline_log_prob.items()}
         for number, fold in enumerate(new_people.folds, start=1)
     ], "Every image of people neither the PCA nor the flow saw (nats per face)")
@@ -212,14 +219,15 @@ def score_model(trained: TrainedFlow, pca: FittedPCA, split: Split) -> ModelScor
 
 
 @task(name="interpolate_faces", **STEP)
-def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig) -> Interpolation:
-    """A latent-space walk between two real faces of different people."""
+def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateConfig, index_a: int, index_b: int) -> Interpolation:
+    """A latent-space walk between two real faces of different people (config.face_a and face_b, resolved by the flow)."""
     from artifacts import figures
     from tasks.generate import interpolate_between
 
-    walk = interpolate_between(trained, pca, config)
+    walk = interpolate_between(trained, pca, config, index_a, index_b)
     figure = figures.interpolation_strip(walk.images, walk.method, walk.index_a, walk.index_b)
-    publish_figure("faceflow-interpolation", "Interpolation", figures.png_bytes(figure), f"face {walk.index_a} to face {walk.index_b}")
+    publish_figure("faceflow-interpolation", "Interpolation", figures.png_bytes(figure),
+                   f"{config.face_a} (face {walk.index_a}) to {config.face_b} (face {walk.index_b})")
     return walk
 
 

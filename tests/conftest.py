@@ -1,4 +1,4 @@
-"""Test session set-up: a private PREFECT_HOME, no telemetry, the real data file."""
+"""Test session set-up: a private PREFECT_HOME and face store, no telemetry, the real data file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 # Before anything imports prefect: this session's database and result cache are its own.
 _SESSION_HOME = tempfile.mkdtemp(prefix="faceflow-test-prefect-")
 os.environ["PREFECT_HOME"] = _SESSION_HOME
+# ... and so is its face store: tests never write faces/ in the repository.
+_SESSION_FACES = tempfile.mkdtemp(prefix="faceflow-test-faces-")
+os.environ["FACEFLOW_FACES_DIR"] = _SESSION_FACES
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -52,6 +55,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import shutil
 
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+    shutil.rmtree(_SESSION_FACES, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

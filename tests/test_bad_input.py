@@ -78,11 +78,16 @@ BAD_CONFIGS: list[tuple[str, dict, str]] = [
     ("more components than fit faces", {"pca": {"n_components": 500}}, "pca.n_components"),
     ("temperature 0", {"sample": {"temperature": 0.0}}, "sample.temperature"),
     ("no samples", {"sample": {"n_samples": 0}}, "sample.n_samples"),
-    ("same-person interpolation", {"interpolate": {"index_a": 3, "index_b": 7}}, "both person 0"),
-    ("index out of range", {"interpolate": {"index_b": 400}}, "interpolate.index_b"),
-    ("negative index", {"interpolate": {"index_a": -1}}, "interpolate.index_a"),
+    ("same-person interpolation", {"interpolate": {"face_a": "olivetti-00:3", "face_b": "olivetti-00:7"}}, "both person olivetti-00"),
+    ("image index past the person's images", {"interpolate": {"face_b": "olivetti-13:10"}}, "interpolate.face_b"),
+    ("unknown person as endpoint", {"interpolate": {"face_a": "nobody:0"}}, "interpolate.face_a"),
+    ("endpoint neither id nor person:index", {"interpolate": {"face_a": "face zero"}}, "interpolate.face_a"),
+    ("image id that is in no version", {"interpolate": {"face_b": "abcdef0123"}}, "interpolate.face_b"),
     ("negative seed", {"seed": -1}, "seed"),
-    ("no image left for training", {"data": {"heldout_per_person": 8, "validation_per_person": 2}}, "at least 1 of 10"),
+    ("no image left for training", {"data": {"heldout_fraction": 0.8, "validation_fraction": 0.2}}, "at least a tenth"),
+    ("unknown faces version", {"data": {"faces_version": "99"}}, "data.faces_version"),
+    ("faces version no id starts with", {"data": {"faces_version": "0123456789ab"}}, "data.faces_version"),
+    ("too few people for the new-people folds", {"data": {"new_people_per_fold": 20, "new_people_folds": 2}}, "at least 42 are needed"),
 ]
 
 
@@ -145,8 +150,14 @@ def api_url(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path) -> st
         flush_to_api()
 
 
-# Data-file cases the flow's parameter validation passes (the file exists): fetch_faces reads and refuses them.
-READ_BY_THE_FIRST_STEP = set(DATA_FILES) - {"a directory", "missing file"}
+# Data-file cases the flow's parameter validation passes (the file exists): fetch_faces reads and refuses them,
+# as it refuses a faces version the store does not hold.
+READ_BY_THE_FIRST_STEP = set(DATA_FILES) - {"a directory", "missing file"} | {"unknown faces version", "faces version no id starts with"}
+# Cases that only the version can judge: fetch_faces reads it (no other step runs), then the flow refuses.
+JUDGED_AGAINST_THE_VERSION = {
+    "more components than fit faces", "same-person interpolation", "image index past the person's images",
+    "unknown person as endpoint", "image id that is in no version", "too few people for the new-people folds",
+}
 
 
 def task_runs_of(api_url: str, flow_run_id: UUID) -> dict[str, tuple[str, int]]:
@@ -159,11 +170,14 @@ def task_runs_of(api_url: str, flow_run_id: UUID) -> dict[str, tuple[str, int]]:
 
 
 def assert_refused_before_any_work(case: str, api_url: str, flow_run_id: UUID) -> None:
-    """The server's record of the run: no step ran, or only fetch_faces, failed on its only attempt (no retries)."""
+    """The server's record of the run: no step ran, or only fetch_faces: failed on its only attempt (no retries),
+    or completed for a case only the version can judge."""
     from commands.runner import flush_to_api
 
     flush_to_api()  # task runs reach the server as events
     expected = {"fetch_faces": ("Failed", 1)} if case in READ_BY_THE_FIRST_STEP else {}
+    if case in JUDGED_AGAINST_THE_VERSION:
+        expected = {"fetch_faces": ("Completed", 1)}
     deadline = time.monotonic() + 60
     # Until the server has recorded as many as expected (it records events as they arrive), then no more.
     while len(recorded := task_runs_of(api_url, flow_run_id)) < len(expected) and time.monotonic() < deadline:

@@ -71,7 +71,7 @@ def test_without_validation_faces_the_choice_is_cross_validated_on_the_fit_faces
 
 def test_real_split_with_validation_faces_kde_and_mixture(faces) -> None:
     """On split 0 with one validation image per person, the KDE's validation choice is 0.70 and beats the diagonal models."""
-    split = split_indices(faces.target, DataConfig(validation_per_person=1))
+    split = split_indices(faces, DataConfig(validation_fraction=0.1))
     pca = fit_pca_on(faces, split, PCAConfig())
     results = {r.name: r for r in fit_baseline_models(pca, split, BaselineConfig(), seed=0).results}
     assert list(results) == ["diagonal Gaussian", "GaussianMixture", "Gaussian KDE"]

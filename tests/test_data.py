@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from faceflow.config import DataConfig
-from tasks.data import DataUnavailableError, load_faces, split_indices, tuning_split_indices
+from faceflow.config import MIN_IMAGES_TO_SPLIT, DataConfig
+from tasks.data import DataUnavailableError, FaceLabels, load_faces, split_indices, tuning_split_indices
 from tasks.olivetti import DataFileError, read_olivetti_mat
 
 
@@ -54,34 +54,53 @@ def test_no_network_and_no_file_says_how_to_provide_data() -> None:
     assert "--data-file" in str(caught.value) and "FACEFLOW_DATA_FILE" in str(caught.value)
 
 
-def test_split_holds_out_two_per_person_disjointly() -> None:
-    target = np.repeat(np.arange(40), 10)
-    split = split_indices(target, DataConfig(validation_per_person=1))
-    assert len(split.heldout) == 80 and len(split.validation) == 40 and len(split.fit) == 280
-    assert np.bincount(target[split.heldout]).tolist() == [2] * 40
+def test_split_parts_are_disjoint_cover_every_image_and_follow_the_fractions(faces) -> None:
+    split = split_indices(faces, DataConfig(validation_fraction=0.1))
     everything = np.concatenate([split.fit, split.validation, split.heldout])
     assert sorted(everything.tolist()) == list(range(400))
-    default = split_indices(target, DataConfig())  # no validation part: PCA and flow fit all 8 others
+    # Per-image hashes: the counts are near the fractions, not exact (0.2 and 0.1 of 400).
+    assert 60 <= len(split.heldout) <= 100 and 25 <= len(split.validation) <= 55
+    assert split.fitted_whole == ()  # every Olivetti person has 10 images
+    default = split_indices(faces, DataConfig())  # no validation part: PCA and flow fit every other image
     assert np.array_equal(default.heldout, split.heldout) and len(default.validation) == 0
     assert np.array_equal(default.fit, np.sort(np.concatenate([split.fit, split.validation])))
 
 
-def test_split_is_seeded() -> None:
-    target = np.repeat(np.arange(40), 10)
-    first = split_indices(target, DataConfig(split_seed=3))
-    again = split_indices(target, DataConfig(split_seed=3))
-    other = split_indices(target, DataConfig(split_seed=4))
+def test_an_images_part_depends_on_its_id_and_the_seed_only(faces) -> None:
+    config = DataConfig(validation_fraction=0.1)
+    split = split_indices(faces, config)
+    # The same images in reverse order: each keeps its part (by id, not by position).
+    reverse = FaceLabels.of(faces.image_ids[::-1], [faces.people[t] for t in faces.target[::-1]])
+    reversed_split = split_indices(reverse, config)
+    for part in ("fit", "validation", "heldout"):
+        assert sorted(faces.image_ids[i] for i in getattr(split, part)) == sorted(
+            reverse.image_ids[i] for i in getattr(reversed_split, part)
+        )
+
+
+def test_a_person_with_too_few_images_is_fitted_on_whole(faces) -> None:
+    keep = [i for i in range(400) if faces.target[i] != 5 or i % 10 < MIN_IMAGES_TO_SPLIT - 1]
+    labels = FaceLabels.of([faces.image_ids[i] for i in keep], [faces.people[faces.target[i]] for i in keep])
+    split = split_indices(labels, DataConfig(heldout_fraction=0.5))
+    few = np.flatnonzero(labels.target == labels.people.index("olivetti-05"))
+    assert len(few) == MIN_IMAGES_TO_SPLIT - 1 and set(few.tolist()) <= set(split.fit.tolist())
+    assert split.fitted_whole == ("olivetti-05",)
+
+
+def test_split_is_seeded(faces) -> None:
+    first = split_indices(faces, DataConfig(split_seed=3))
+    again = split_indices(faces, DataConfig(split_seed=3))
+    other = split_indices(faces, DataConfig(split_seed=4))
     assert np.array_equal(first.heldout, again.heldout) and first.key == again.key
     assert not np.array_equal(first.heldout, other.heldout)
 
 
-@pytest.mark.parametrize("validation_per_person", [0, 1, 2])
-def test_tuning_split_drops_the_heldout_faces_and_judges_on_the_default_validation_faces(validation_per_person: int) -> None:
-    target = np.repeat(np.arange(40), 10)
-    run = split_indices(target, DataConfig(split_seed=5, validation_per_person=1))
-    tuning = tuning_split_indices(target, DataConfig(split_seed=5, validation_per_person=validation_per_person))
-    assert np.array_equal(tuning.heldout, run.validation)  # the judge: one image per person
+@pytest.mark.parametrize("validation_fraction", [0.0, 0.1, 0.2])
+def test_tuning_split_drops_the_heldout_faces_and_judges_on_the_retraining_validation_faces(faces, validation_fraction: float) -> None:
+    run = split_indices(faces, DataConfig(split_seed=5, validation_fraction=0.1))
+    tuning = tuning_split_indices(faces, DataConfig(split_seed=5, validation_fraction=validation_fraction))
+    assert np.array_equal(tuning.heldout, run.validation)  # the judge: a retraining run's validation faces
     used = np.concatenate([tuning.fit, tuning.validation, tuning.heldout])
-    assert len(used) == len(set(used.tolist())) == 320
+    assert len(used) == len(set(used.tolist())) == 400 - len(run.heldout)
     assert not set(used.tolist()) & set(run.heldout.tolist())
-    assert np.bincount(target[tuning.validation], minlength=40).tolist() == [validation_per_person] * 40
+    assert (len(tuning.validation) == 0) == (validation_fraction == 0.0)

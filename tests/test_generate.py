@@ -41,7 +41,7 @@ def test_memorisation_distances_compare_pca_reconstructions_on_both_sides(faces)
     from tasks.pca import fit_pca_on
     from tasks.train import make_batches, train_flow
 
-    split = split_indices(faces.target, DataConfig())
+    split = split_indices(faces, DataConfig())
     pca = fit_pca_on(faces, split, PCAConfig())
     quick = TrainConfig(epochs=1, num_layers=2, hidden_units=8, device="cpu")
     trained = train_flow(make_batches(pca, split, quick, 0), quick, seed=0)

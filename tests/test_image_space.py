@@ -35,7 +35,7 @@ QUICK = TrainConfig(epochs=2, num_layers=2, hidden_units=16, device="cpu")
 @pytest.fixture(scope="module")
 def run(faces):
     """A quick run's PCA, flow, split and samples, as the pipeline's steps make them."""
-    split = split_indices(faces.target, DataConfig(validation_per_person=1))
+    split = split_indices(faces, DataConfig(validation_fraction=0.1))
     pca = fit_pca_on(faces, split, PCAConfig())
     trained = train_flow(make_batches(pca, split, QUICK, seed=0), QUICK, seed=0, device="cpu")
     samples = draw_samples(trained, pca, split, SampleConfig(n_samples=8), seed=0)
@@ -116,7 +116,7 @@ def test_a_perturbation_the_pca_cannot_see_costs_image_space_log_p(run, faces, t
 
 
 def test_models_of_different_component_counts_score_the_same_pixels_comparably(faces) -> None:
-    split = split_indices(faces.target, DataConfig())
+    split = split_indices(faces, DataConfig())
     config = BaselineConfig(gmm_max_components=1)
     gaussian = {}
     for components in (16, 64):
@@ -148,9 +148,9 @@ def test_models_of_different_component_counts_score_the_same_pixels_comparably(f
 
 def test_new_people_are_scored_in_pixels_through_their_folds_own_pca(faces) -> None:
     data = DataConfig(new_people_per_fold=3)
-    people = new_people_of_fold(data, 0)
+    people = new_people_of_fold(data, 0, len(faces.people))
     fold = evaluate_fold(faces, people, data, PCAConfig(), QUICK, BaselineConfig(gmm_max_components=1), seed=0, device="cpu")
-    split = new_people_split(faces.target, data, people)
+    split = new_people_split(faces, data, people)
     pca = fit_pca_on(faces, split, PCAConfig())  # the fold's PCA: it never saw these people
     residual = residual_log_density(pca.residual_squared[split.heldout], pca.residual_variance, pca.residual_dim).mean()
     assert fold.flow_image_log_prob - fold.flow_log_prob == pytest.approx(residual, rel=1e-9)

@@ -5,26 +5,36 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from faceflow.config import BaselineConfig, DataConfig, PCAConfig, TrainConfig
-from tasks.data import split_indices
+from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, PCAConfig, TrainConfig
+from tasks.data import FaceLabels, FacesVersionError, check_config_against, split_indices
 from tasks.new_people import evaluate_new_people, new_people_of_fold, new_people_split
-
-TARGET = np.repeat(np.arange(40), 10)
-
 
 def test_folds_hold_disjoint_people_drawn_from_the_split_seed() -> None:
     config = DataConfig(new_people_per_fold=4, new_people_folds=10)
-    folds = [new_people_of_fold(config, fold) for fold in range(10)]
+    folds = [new_people_of_fold(config, fold, 40) for fold in range(10)]
     assert sorted(person for fold in folds for person in fold) == list(range(40))
-    assert new_people_of_fold(config.model_copy(update={"new_people_folds": 1}), 0) == folds[0]
-    assert new_people_of_fold(DataConfig(split_seed=1), 0) != folds[0]
+    assert new_people_of_fold(config.model_copy(update={"new_people_folds": 1}), 0, 40) == folds[0]
+    assert new_people_of_fold(DataConfig(split_seed=1), 0, 40) != folds[0]
+    # Drawn from the people present: a version of 44 people draws from all 44.
+    wide = [new_people_of_fold(DataConfig(new_people_per_fold=11, new_people_folds=4), fold, 44) for fold in range(4)]
+    assert sorted(person for fold in wide for person in fold) == list(range(44))
 
 
-def test_new_people_split_leaves_every_image_of_them_out_and_keeps_the_rest_of_the_run_split() -> None:
+def test_a_version_with_too_few_people_for_the_folds_is_refused_saying_how_many_are_needed(faces) -> None:
+    keep = [i for i in range(400) if faces.target[i] < 9]
+    labels = FaceLabels.of([faces.image_ids[i] for i in keep], [faces.people[faces.target[i]] for i in keep])
+    config = FaceflowConfig(data=DataConfig(new_people_per_fold=4, new_people_folds=2), interpolate={"face_b": "olivetti-08:0"})
+    with pytest.raises(FacesVersionError, match=r"data.new_people_per_fold .* 9 people.* at least 10 are needed"):
+        check_config_against(labels, config)
+    check_config_against(labels, config.model_copy(update={"data": DataConfig(new_people_per_fold=7)}))  # 7 + 2 = 9
+
+
+def test_new_people_split_leaves_every_image_of_them_out_and_keeps_the_rest_of_the_run_split(faces) -> None:
+    TARGET = faces.target
     config = DataConfig()
     people = [3, 17, 22, 39]
-    split = new_people_split(TARGET, config, people)
-    run = split_indices(TARGET, config)
+    split = new_people_split(faces, config, people)
+    run = split_indices(faces, config)
     assert sorted(split.heldout.tolist()) == [i for i in range(400) if TARGET[i] in people]
     assert not np.isin(TARGET[np.concatenate([split.fit, split.validation])], people).any()
     assert np.array_equal(split.fit, run.fit[~np.isin(TARGET[run.fit], people)])
@@ -35,7 +45,7 @@ def test_evaluation_scores_every_image_of_each_new_person(faces) -> None:
     data = DataConfig(new_people_per_fold=3, new_people_folds=2)
     quick = TrainConfig(epochs=2, num_layers=2, hidden_units=16, device="cpu")
     result = evaluate_new_people(faces, data, PCAConfig(), quick, BaselineConfig(gmm_max_components=2), seed=0, device="cpu")
-    assert [fold.people for fold in result.folds] == [new_people_of_fold(data, 0), new_people_of_fold(data, 1)]
+    assert [fold.people for fold in result.folds] == [new_people_of_fold(data, 0, 40), new_people_of_fold(data, 1, 40)]
     assert len(result.person_flow_log_prob) == 6 and np.isfinite(result.person_flow_log_prob).all()
     # Every person has 10 images, so a fold's mean is the mean of its people's means.
     for fold in result.folds:

@@ -27,7 +27,7 @@ def test_explicit_count_wins_over_variance() -> None:
 
 
 def test_pca_is_fitted_on_the_fit_part_only(faces) -> None:
-    split = split_indices(faces.target, DataConfig())
+    split = split_indices(faces, DataConfig())
     fitted = fit_pca_on(faces, split, PCAConfig(n_components=16))
     assert fitted.n_components == 16 and fitted.coords.shape == (400, 16)
     np.testing.assert_allclose(load_estimator(fitted).mean_, faces.flat[split.fit].mean(0), atol=1e-6)

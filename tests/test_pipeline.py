@@ -12,6 +12,7 @@ from uuid import UUID
 
 import joblib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -25,6 +26,14 @@ ALL_TASKS = {
     "fit_baselines", "score_new_people", "sample_faces", "score_log_prob", "interpolate_faces", "report",
 }
 DOWNSTREAM_OF_SAMPLES = {"sample_faces", "score_log_prob", "report"}
+# Read on every run, never served from the cache: "latest" names another version after an ingest.
+# Its result's key (the version id) is what keys every later step.
+READ_EVERY_RUN = {"fetch_faces"}
+
+
+def cached_but(computed: set[str]) -> dict[str, str]:
+    """Every task Cached but ``computed`` and the reading of the faces."""
+    return {name: "Completed" if name in computed | READ_EVERY_RUN else "Cached" for name in ALL_TASKS}
 RUN_FILES = {
     "report.md", "samples.png", "explained_variance.png", "loss_curve.png", "log_prob_histogram.png",
     "interpolation.png", "metrics.json", "config.json", "split.json", "scores.csv",
@@ -173,14 +182,14 @@ def test_every_task_publishes_its_own_artifact(server: str, first_run: dict) -> 
 def test_identical_rerun_is_all_cached(server: str, workdir: Path, data_file: Path, first_run: dict, repetition: int) -> None:
     """The summary comes from the run itself, so it is right every time, not when the API has caught up."""
     again = faceflow_run(server, workdir, data_file, *QUICK)
-    assert again["tasks"] == {name: "Cached" for name in ALL_TASKS}
+    assert again["tasks"] == cached_but(set())
     assert again["output_dir"] == first_run["output_dir"]
     assert again["metrics"] == first_run["metrics"]
 
 
 def test_downstream_change_reruns_only_downstream(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
     changed = faceflow_run(server, workdir, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "5")
-    expected = {name: ("Completed" if name in DOWNSTREAM_OF_SAMPLES else "Cached") for name in ALL_TASKS}
+    expected = cached_but(DOWNSTREAM_OF_SAMPLES)
     assert changed["tasks"] == expected
     assert changed["output_dir"] != first_run["output_dir"]
     assert changed["metrics"]["heldout_log_prob"] == first_run["metrics"]["heldout_log_prob"]
@@ -192,7 +201,7 @@ def test_editing_the_code_invalidates_the_cache(server: str, workdir: Path, data
     for package in ("faceflow", "tasks", "flows", "artifacts", "commands"):
         shutil.copytree(REPO_ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
     unchanged = faceflow_run(server, workdir, data_file, *QUICK, code=code)
-    assert unchanged["tasks"] == {name: "Cached" for name in ALL_TASKS}  # the copy is the same code
+    assert unchanged["tasks"] == cached_but(set())  # the copy is the same code
     with (code / "tasks" / "score.py").open("a") as source:
         source.write("\nEDITED = True  # any change to faceflow's code\n")
     edited = faceflow_run(server, workdir, data_file, *QUICK, code=code)
@@ -254,7 +263,7 @@ def test_a_damaged_run_folder_is_written_again_from_cached_results(
     harm(folder)
     again = faceflow_run(server, workdir, data_file, *QUICK)
     assert again["repaired"] == reported
-    assert again["tasks"] == {name: ("Completed" if name == "report" else "Cached") for name in ALL_TASKS}
+    assert again["tasks"] == cached_but({"report"})
     assert run_folder_problems(folder) == []
     assert folder_bytes(folder) == first_run["files"]  # byte for byte the folder first written, not just self-consistent
 
@@ -291,3 +300,23 @@ def test_report_artifact_renders_its_figures_in_the_ui(server: str, first_run: d
         finally:
             browser.close()
     assert len(widths) == 5 and all(width > 100 for width in widths)
+
+
+def test_a_run_on_version_2_reads_the_4_people_ingested_after_version_1(
+    server: str, workdir: Path, data_file: Path, faces, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 is Olivetti less 4 people; version 2 adds them (PNG folders) and 2 photos: the run reads all of it."""
+    from tasks.store import FaceStore
+    from test_versions import grown_store
+
+    store = grown_store(tmp_path, faces)
+    monkeypatch.setenv("FACEFLOW_FACES_DIR", str(store))
+    run = faceflow_run(server, workdir, data_file, *QUICK, "--faces-version", "2", "--face-b", "olivetti-37:0")
+    folder = Path(run["output_dir"])
+    second = FaceStore(store).resolve("2")
+    assert json.loads((folder / "config.json").read_text())["data"]["faces_version"] == second.id
+    assert second.short in (folder / "report.md").read_text()
+    split = json.loads((folder / "split.json").read_text())
+    assert len(split["fit_ids"]) + len(split["validation_ids"]) + len(split["heldout_ids"]) == 402 == second.images
+    scored = pd.read_csv(folder / "scores.csv")
+    assert scored[scored["part"] != "sample"]["person"].nunique() == 40  # 36 + the 4 ingested

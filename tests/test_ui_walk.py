@@ -223,7 +223,7 @@ def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
 
         # A retraining run, then its leaderboard: it fits the panel, and its one row is the first champion.
         retrain = run_deployment(ui.api_url, "weekly-retrain", {
-            "config": {"data": {"validation_per_person": 1}, "train": {"epochs": 5}, "output_dir": str(outputs)},
+            "config": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 5}, "output_dir": str(outputs)},
         }, flow="faceflow-retrain")
         assert wait_for_state(ui.api_url, retrain, {"Completed"}, timeout=600) == "Completed"
         rows = json.loads((tmp_path / "models" / "leaderboard.json").read_text())
