@@ -42,7 +42,8 @@ class DataConfig(_Section):
     heldout_fraction: float = Field(
         0.2, gt=0.0, lt=1.0,
         description="Share of each person's images kept out of training for evaluation, decided per image "
-        "from a hash of the split seed and the image id: adding images never moves one.",
+        "from a hash of the split seed and the image id: adding images never moves one (a person with fewer "
+        "than 3 images is fitted on whole).",
     )
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0,

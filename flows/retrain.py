@@ -94,7 +94,8 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
         judged = unseen_by_champion(models, judged, faces.image_ids)
         champion_validation = score_champion(models, faces, judged) if judged else None
     challenger_validation = validation_image_log_prob(challenger.report.folder, judged) if judged else None
-    if champion is not None and judged and champion_validation is None:
+    finite = challenger_validation is not None and math.isfinite(challenger_validation)
+    if champion is not None and judged and champion_validation is None and finite:
         decision = Decision(True, "the champion has no image-space figures (promoted before they existed): replaced")
     else:
         decision = decide(math.nan if challenger_validation is None else challenger_validation, champion_validation, margin,

@@ -10,6 +10,7 @@ for the report, so the champion's held-out figure remains an honest estimate.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -93,10 +94,10 @@ def validation_image_log_prob(run_folder: Path, judged: list[int]) -> float:
     import pandas as pd
 
     scores = pd.read_csv(run_folder / "scores.csv")
-    values = scores[(scores["part"] == "validation") & scores["index"].isin(judged)]["image_log_prob"]
-    if len(values) != len(judged):
-        raise ChampionError(f"{run_folder / 'scores.csv'} lacks validation faces {sorted(set(judged) - set(values.index))}")
-    return float(values.mean())
+    found = scores[(scores["part"] == "validation") & scores["index"].isin(judged)]
+    if len(found) != len(judged):
+        raise ChampionError(f"{run_folder / 'scores.csv'} lacks validation faces {sorted(set(judged) - set(found['index']))}")
+    return float(found["image_log_prob"].mean())
 
 
 def champion_path(models_dir: Path) -> Path:
@@ -137,11 +138,15 @@ def append_leaderboard(models_dir: Path, row: dict[str, object]) -> list[dict[st
     """Add one challenger's row to models/leaderboard.json (written whole, atomically); returns every row."""
     models_dir.mkdir(parents=True, exist_ok=True)
     path = models_dir / LEADERBOARD
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    rows.append(row)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(rows, indent=1))
-    os.replace(temporary, path)
+    # One writer at a time (retrainings triggered by new faces can finish together): read, append
+    # and replace under an exclusive lock, through a temporary file of this process's own.
+    with open(models_dir / f"{LEADERBOARD}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        rows.append(row)
+        temporary = path.with_name(f".{LEADERBOARD}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(rows, indent=1))
+        os.replace(temporary, path)
     return rows
 
 

@@ -168,13 +168,13 @@ class FaceStore:
         return sorted(found, key=lambda version: version.number)
 
     def latest(self) -> Version | None:
-        """The highest-numbered version, through the LATEST pointer."""
-        pointer = self.root / "LATEST"
-        if pointer.is_file():
-            record = self.root / "versions" / pointer.read_text().strip() / "version.json"
-            if record.is_file():
-                return Version.from_json(json.loads(record.read_text()))
-        versions = self.versions()  # no pointer yet, or a writer died between the version and the pointer
+        """The highest-numbered version.
+
+        Read from the versions themselves, not trusted to the LATEST pointer: a writer killed
+        between renaming its version into place and moving the pointer would otherwise leave
+        every reader on the version before until the next writer tidied up.
+        """
+        versions = self.versions()
         return versions[-1] if versions else None
 
     def resolve(self, reference: str | None) -> Version:

@@ -127,7 +127,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     cases["empty"] = (tmp / "empty", "empty: empty folder")
     person("empty-person")
     (tmp / "empty-person" / "nobody").mkdir()
-    cases["empty-person"] = (tmp / "empty-person" / "nobody", "nobody: empty folder")
+    cases["empty-person"] = (tmp / "empty-person", "nobody: empty folder; expected images of nobody")
     person("file-not-folder")
     write_png(tmp / "file-not-folder" / "loose.png", good)
     cases["file-not-folder"] = (tmp / "file-not-folder", "loose.png: a file where a folder of one person's images is expected")

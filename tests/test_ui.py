@@ -88,6 +88,10 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
         ingest_flow = prefect.read_flow_by_name("faceflow-ingest").id
         # The CLI ran the ingest flow on this server, so its dataset card is in the UI too.
         assert [run.state.name for run in prefect.read_flow_runs() if run.flow_id == ingest_flow] == ["Completed"]
+        card = next(artifact for artifact in prefect.read_latest_artifacts() if artifact.key == "faceflow-faces")
+    # The dataset card: the version, who is new, and two figures (images per person, the new faces).
+    assert "Faces version 2" in card.data and "New people (2): mirror-00, mirror-01" in card.data
+    assert card.data.count("data:image/png;base64,") == 2
 
 
 def wait_for_triggered_run(api_url: str, deployment: str, timeout: float) -> UUID:
