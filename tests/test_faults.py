@@ -208,7 +208,9 @@ def test_two_identical_concurrent_runs_compute_each_task_once(tmp_path: Path, da
     first, second = (json.loads(out.decode().splitlines()[-1]) for out in outputs)
     assert first["output_dir"] == second["output_dir"] and first["metrics"] == second["metrics"]
     for task, state in first["tasks"].items():
-        assert {state, second["tasks"][task]} == {"Completed", "Cached"}, (task, state, second["tasks"][task])
+        # fetch_faces reads the face store's version in every run (never cached: "latest" moves).
+        expected = {"Completed"} if task == "fetch_faces" else {"Completed", "Cached"}
+        assert {state, second["tasks"][task]} == expected, (task, state, second["tasks"][task])
 
 
 def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Path, data_file: Path, migrated_home: Path, tag: str) -> None:
@@ -242,7 +244,7 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Pa
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads(again.stdout.splitlines()[-1])
     assert 0 < resumed["metrics"]["resumed_from_epoch"] < 1000
-    assert {resumed["tasks"][name] for name in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")} == {"Cached"}
+    assert {resumed["tasks"][name] for name in ("split_faces", "fit_pca", "build_dataloader")} == {"Cached"}
     assert not any(checkpoints.glob("*.pt"))  # removed once the training finished
     weights = [torch.load(Path(json.loads(out)["output_dir"]) / "model.pt", weights_only=True)["state_dict"]
                for out in (reference.stdout.splitlines()[-1], again.stdout.splitlines()[-1])]
