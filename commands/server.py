@@ -80,10 +80,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Health checks go straight to the server, never through a proxy: an http_proxy in the user's
+# environment (without no_proxy) sent them to the proxy, and urlopen's default opener keeps the
+# proxies it first saw for the life of the process.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
     """Whether ``api_url/health`` answers 200 within ``timeout`` seconds."""
     try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
+        with _DIRECT.open(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
             return response.status == 200
     except (OSError, ValueError):
         return False

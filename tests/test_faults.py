@@ -168,17 +168,36 @@ def test_a_stalled_download_times_out(tmp_path: Path, monkeypatch: pytest.Monkey
             monkeypatch.setenv(variable, proxy.url)
         monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path))
         monkeypatch.setenv("FACEFLOW_DOWNLOAD_TIMEOUT", "0.5")
+        # urlopen's default opener keeps the proxies it is built with: built here, with the stalled
+        # proxy, it would send this process's later requests there too. Put back afterwards.
+        monkeypatch.setattr(urllib.request, "_opener", None)
         started = time.monotonic()
         with pytest.raises(DataUnavailableError, match="FACEFLOW_DATA_FILE"):
             load_faces(None)
         assert time.monotonic() - started < 10
 
 
+def test_an_http_proxy_in_the_environment_does_not_stand_between_faceflow_and_its_server(
+    prefect_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's http_proxy (no no_proxy) must not carry the health checks: through this proxy they never got an answer."""
+    with stalling_proxy() as proxy:
+        for variable in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(variable, proxy.url)
+        for variable in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setattr(urllib.request, "_opener", None)  # as a new process would build it, from this environment
+        with local_server(prefect_home, timeout=120) as server:
+            assert server.api_url.startswith("http://127.0.0.1:")
+        assert not proxy.connected.is_set()
+
+
 def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: Path, tag: str) -> None:
     with stalling_proxy() as proxy:
         # Only the download goes through the stalled proxy; Prefect's own connections stay local.
+        # An empty face store: version 1, the Olivetti faces, must be downloaded (the session's store has it).
         env = tagged_env(tag, prefect_home, SCIKIT_LEARN_DATA=str(tmp_path), HTTPS_PROXY=proxy.url, https_proxy=proxy.url,
-                         NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+                         NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", FACEFLOW_FACES_DIR=str(tmp_path / "faces"))
         env.pop("FACEFLOW_DATA_FILE", None)
         stderr = tmp_path / "stderr.txt"
         process = subprocess.Popen(
