@@ -175,11 +175,12 @@ def score_new_people(
     from tasks.new_people import evaluate_new_people
 
     new_people = evaluate_new_people(faces, data, pca_config, train, baselines, seed, device, cancelled=_stop_requested())
+    # Numbers only, so the table fits the UI's artifact panel; each fold's people (names) are in the description.
     publish_table("faceflow-new-people", [
-        {"fold": number, "people": ", ".join(faces.people[p] for p in fold.people), "flow log p": fold.flow_log_prob}
-        | {f"{name} log p": value for name, value in fold.baseline_log_prob.items()}
+        {"fold": number, "flow": fold.flow_log_prob} | {name: value for name, value in fold.baseline_log_prob.items()}
         for number, fold in enumerate(new_people.folds, start=1)
-    ], "Every image of people neither the PCA nor the flow saw (nats per face)")
+    ], "log p (nats per face) of every image of people neither the PCA nor the flow saw; the people of fold "
+       + "; ".join(f"{number}: {', '.join(faces.people[p] for p in fold.people)}" for number, fold in enumerate(new_people.folds, start=1)))
     return new_people
 
 

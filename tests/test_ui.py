@@ -76,22 +76,28 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
     version = json.loads(ingested.stdout.splitlines()[-1])["version"]
     assert (version["number"], version["added"], version["people"]) == (2, 10, 42)
     triggered = wait_for_triggered_run(ui.api_url, "weekly-retrain", timeout=120)
-    assert wait_for_state(ui.api_url, triggered, {"Running"}, timeout=300) == "Running"
-
-    # Ctrl-C while the worker runs that retraining: everything stops, and the run is recorded as ended.
-    wait_for_a_running_task(ui.api_url, triggered, timeout=300)  # into the flow's tasks
-    ui.ctrl_c()
-    assert_no_process_left(tag)
-    assert not (ui.home / SERVER_RECORD).exists()
-    with local_server(ui.home, timeout=300) as server, client(server.api_url) as prefect:
-        assert prefect.read_flow_run(triggered).state.name in {"Crashed", "Cancelled"}
-        ingest_flow = prefect.read_flow_by_name("faceflow-ingest").id
-        # The CLI ran the ingest flow on this server, so its dataset card is in the UI too.
-        assert [run.state.name for run in prefect.read_flow_runs() if run.flow_id == ingest_flow] == ["Completed"]
+    assert wait_for_state(ui.api_url, triggered, {"Completed"}, timeout=600) == "Completed"
+    rows = json.loads((tmp_path / "models" / "leaderboard.json").read_text())
+    # It trained on the new version (latest) and became the first champion.
+    assert [(row["faces version"], row["promoted"]) for row in rows] == [(version["id"], True)]
+    with client(ui.api_url) as prefect:
         card = next(artifact for artifact in prefect.read_latest_artifacts() if artifact.key == "faceflow-faces")
     # The dataset card: the version, who is new, and two figures (images per person, the new faces).
     assert "Faces version 2" in card.data and "New people (2): mirror-00, mirror-01" in card.data
     assert card.data.count("data:image/png;base64,") == 2
+
+    # Ctrl-C while the worker runs a long flow: everything stops, and the run is recorded as ended.
+    long_run = run_deployment(ui.api_url, "on-demand", {"config": {"train": {"epochs": 20000}, "output_dir": str(outputs)}})
+    assert wait_for_state(ui.api_url, long_run, {"Running"}, timeout=300) == "Running"
+    wait_for_a_running_task(ui.api_url, long_run, timeout=300)  # into the flow's tasks
+    ui.ctrl_c()
+    assert_no_process_left(tag)
+    assert not (ui.home / SERVER_RECORD).exists()
+    with local_server(ui.home, timeout=300) as server, client(server.api_url) as prefect:
+        assert prefect.read_flow_run(long_run).state.name in {"Crashed", "Cancelled"}
+        ingest_flow = prefect.read_flow_by_name("faceflow-ingest").id
+        # The CLI ran the ingest flow on this server, so its dataset card is in the UI too.
+        assert [run.state.name for run in prefect.read_flow_runs() if run.flow_id == ingest_flow] == ["Completed"]
 
 
 def wait_for_triggered_run(api_url: str, deployment: str, timeout: float) -> UUID:
