@@ -149,7 +149,7 @@ def _check_faces_version(config: FaceflowConfig, data_file: Path | None) -> None
     """
     from faceflow.settings import faces_dir
     from tasks.data import FaceLabels, check_config_against
-    from tasks.importers import open_store
+    from tasks.data import open_store
     from tasks.store import FaceStore, UnknownVersionError
 
     store = FaceStore(faces_dir())

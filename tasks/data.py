@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from faceflow.keys import array_digest, content_key, file_sha256
 from faceflow.settings import DATA_FILE_VARIABLE, data_file_from_environment, download_timeout
 from tasks.olivetti import DataFileError, read_olivetti_mat
 from tasks.results import Faces, Split
+
+if TYPE_CHECKING:
+    from tasks.store import FaceStore, Version
 
 # Tuning judges a recipe on the images of this band after the held-out ones: the validation
 # images of a retraining run's split (validation_fraction 0.1).
@@ -121,6 +124,27 @@ def resolve_data_file(config: DataConfig) -> Path | None:
     return path
 
 
+def open_store(
+    root: Path, data_file: Path | None, download: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+) -> tuple[FaceStore, Version]:
+    """The face store at ``root`` and its latest version; on first use the Olivetti faces become version 1.
+
+    Version 1 holds the 400 faces exactly as the pipeline has always read them (the file, else
+    scikit-learn's download), people olivetti-00..39. The sources name no path: version 1's id is
+    then the same wherever the file lives.
+    """
+    from tasks.store import FaceStore
+
+    store = FaceStore(root)
+
+    def first() -> tuple[np.ndarray, list[str], list[str]]:
+        faces = load_faces(data_file, download or download_olivetti)
+        people = [f"olivetti-{int(t):02d}" for t in faces.target]
+        return faces.images, people, [f"olivetti[{i}]" for i in range(len(people))]
+
+    return store, store.ensure_first_version(first)
+
+
 def open_faces(data_file: Path | None, reference: str, root: Path | None = None) -> Faces:
     """The faces of version ``reference`` of the store at ``root`` (FACEFLOW_FACES_DIR); version 1 made on first use.
 
@@ -128,7 +152,6 @@ def open_faces(data_file: Path | None, reference: str, root: Path | None = None)
     store already holds version 1); an unknown version is refused naming ``data.faces_version``.
     """
     from faceflow.settings import faces_dir
-    from tasks.importers import open_store
     from tasks.store import UnknownVersionError
 
     if data_file is not None:

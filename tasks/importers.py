@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.data import open_store
 from tasks.olivetti import OLIVETTI_IMAGES_PER_PERSON, DataFileError, checked_faces_array
-from tasks.store import IMAGE_SHAPE, AddResult, FaceStore, StoreError, Version, check_images, check_person
+from tasks.store import IMAGE_SHAPE, AddResult, StoreError, check_images, check_person
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")
 
@@ -165,33 +166,6 @@ def _olivetti_normalised(raw: np.ndarray) -> np.ndarray:
     faces -= faces.min()
     faces /= faces.max()
     return np.ascontiguousarray(faces.reshape(len(faces), *IMAGE_SHAPE).transpose(0, 2, 1))
-
-
-def olivetti_people(n: int) -> list[str]:
-    """olivetti-00 .. olivetti-39, each name on its 10 consecutive images."""
-    return [f"olivetti-{i // OLIVETTI_IMAGES_PER_PERSON:02d}" for i in range(n)]
-
-
-def olivetti_incoming(data_file: Path | None, download: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> Incoming:
-    """The 400 Olivetti faces exactly as the pipeline has always read them: the file, else scikit-learn's download."""
-    from tasks.data import download_olivetti, load_faces
-
-    faces = load_faces(data_file, download or download_olivetti)
-    people = [f"olivetti-{int(t):02d}" for t in faces.target]
-    # The source is the same for the file and the download (the same values): version 1's id
-    # then does not depend on where the file lives.
-    return Incoming(faces.images, people, [f"olivetti[{i}]" for i in range(len(people))])
-
-
-def open_store(root: Path, data_file: Path | None, download: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[FaceStore, Version]:
-    """The store at ``root`` and its latest version; on first use the Olivetti faces become version 1."""
-    store = FaceStore(root)
-
-    def first() -> tuple[np.ndarray, list[str], list[str]]:
-        incoming = olivetti_incoming(data_file, download)
-        return incoming.images, incoming.people, incoming.sources
-
-    return store, store.ensure_first_version(first)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.importers import open_store
+from tasks.data import open_store
 from tasks.store import FaceStore, StoreError, UnknownVersionError, image_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
