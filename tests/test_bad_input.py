@@ -181,7 +181,7 @@ def assert_refused_before_any_work(case: str, api_url: str, flow_run_id: UUID) -
     deadline = time.monotonic() + 60
     # Until the server has recorded as many as expected (it records events as they arrive), then no more.
     while len(recorded := task_runs_of(api_url, flow_run_id)) < len(expected) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.2)  # poll interval of the bounded wait (60 s) for the server to record the task runs
     assert recorded == expected, recorded
 
 

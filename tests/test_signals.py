@@ -35,7 +35,7 @@ SLOW_MODULE = textwrap.dedent("""
     # (it arms a timer to take it again): a condition, not a guess at how long delivery takes.
     deadline = time.monotonic() + 30
     while not any(isinstance(t, threading.Timer) for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval of the bounded wait (30 s) for the handler's retry timer
     Path({marker!r}).write_text("the import finished")
 """)
 

@@ -169,7 +169,7 @@ def test_a_writer_killed_mid_ingest_leaves_no_partial_version(tmp_path: Path) ->
     staging = tmp_path / "faces" / ".staging"
     deadline = time.monotonic() + 120
     while not any(staging.glob("*/*.npy")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval of the bounded wait (120 s) for the staged shard file
     assert child.poll() is None, "the child finished before it could be killed"
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)

@@ -61,7 +61,7 @@ def killed_sweep(home: Path, tmp_path_factory: pytest.TempPathFactory, data_file
         deadline = time.monotonic() + 300
         while len(dask_workers(tag)) < 2 or not any((home / "checkpoints").glob("train_realnvp-*.pt")):
             assert sweep.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.1)
+            time.sleep(0.1)  # poll interval of the bounded wait (300 s) for both workers and a checkpoint file
         listening = listening_addresses(tag)  # the server, the Dask scheduler, its workers and dashboard
         dask_workers(tag)[0].send_signal(signal.SIGKILL)  # mid-training
         stdout, _ = sweep.communicate(timeout=600)

@@ -31,7 +31,7 @@ def wait_for_a_running_task(api_url: str, flow_run_id: UUID, timeout: float) -> 
         while time.monotonic() < deadline:
             if prefect.read_task_runs(flow_run_filter=in_run, task_run_filter=running, limit=1):
                 return
-            time.sleep(0.5)
+            time.sleep(0.5)  # poll interval of the bounded wait for a Running task run
     raise AssertionError(f"no task run of flow run {flow_run_id} was Running within {timeout} s")
 
 
@@ -109,7 +109,7 @@ def wait_for_triggered_run(api_url: str, deployment: str, timeout: float) -> UUI
             for run in prefect.read_flow_runs():
                 if run.deployment_id == deployment_id and run.created_by and run.created_by.type == "AUTOMATION":
                     return run.id
-            time.sleep(0.5)
+            time.sleep(0.5)  # poll interval of the bounded wait for the automation's flow run
     raise AssertionError(f"no run of {deployment} was created by its trigger within {timeout} s")
 
 
