@@ -247,19 +247,25 @@ app.command("ui")(ui)
 def champion(
     json_output: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object.")] = False,
 ) -> None:
-    """The champion model: its run folder, flow run, seed, and validation and held-out log p."""
+    """The champion model: its run folder, flow run, seed, faces version, validation and held-out log p, and if it is stale."""
     from tasks.champion import read_champion
+    from tasks.forgetting import stale_reason
+    from tasks.store import FaceStore
 
     record = read_champion(models_dir())
     if record is None:
         typer.echo(f"no champion in {models_dir()} yet: the weekly-retrain deployment promotes the first one", err=True)
         raise typer.Exit(code=1)
+    stale = stale_reason(FaceStore(faces_dir()), record.faces_version)
     if json_output:
-        typer.echo(json.dumps(record.to_json()))
+        typer.echo(json.dumps(record.to_json() | {"stale": stale}))
         return
     typer.echo(f"champion: {champion_path(models_dir())} (from {record.run_folder})")
-    typer.echo(f"  promoted {record.promoted_at}, flow run {record.flow_run_id}, seed {record.seed}")
+    typer.echo(f"  promoted {record.promoted_at}, flow run {record.flow_run_id}, seed {record.seed}, "
+               f"faces version {record.faces_version[:12] or 'none (before versions)'}")
     typer.echo(f"  validation log p {record.validation_log_prob:.2f}, held-out log p {record.heldout_log_prob:.2f} nats per face")
+    if stale:
+        typer.echo(f"  STALE: {stale}; the next retraining replaces it whatever the margin")
 
 
 app.command("champion")(champion)
@@ -442,6 +448,64 @@ def _print_ingest(done: dict, path: Path, json_output: bool) -> None:
 app.command("ingest")(ingest)
 
 
+def forget(
+    person: Annotated[str, typer.Argument(help="The person's label in the face store (`faceflow faces latest` lists them).")],
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete the older versions that hold them, and every run "
+                                        "folder, champion and cached task result computed from those versions.")] = False,
+    outputs: Annotated[list[Path] | None, typer.Option("--outputs", help="A folder of run folders to purge (repeatable; "
+                                                        "default outputs/), besides those the leaderboard names.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
+) -> None:
+    """Forget a person: a new faces version without their images; a champion fitted on them becomes stale.
+
+    With a Prefect server running (`make ui`, or PREFECT_API_URL) it runs as the faceflow-forget
+    flow there, and the new version's event triggers the weekly-retrain deployment, which replaces
+    a stale champion. Without --purge the older versions keep their images, so old runs stay
+    reproducible; with it nothing derived from them is left on this machine.
+    """
+    from commands.server import recorded_server
+    from flows.forget import forget_here
+    from tasks.store import check_person
+
+    output_dirs = outputs or [Path("outputs")]
+    api_url = api_url_from_environment() or recorded_server(prefect_home())
+    try:
+        check_person(person, "person")
+        if api_url is None:
+            done = forget_here(person, purge, output_dirs)
+        else:
+            from commands.runner import recorded_at
+            from flows.forget import faceflow_forget
+
+            with recorded_at(api_url):
+                state = faceflow_forget(person=person, purge=purge, output_dirs=output_dirs, return_state=True)
+            done = state.result()  # raises what refused it
+    except StoreError as error:
+        typer.echo(f"faceflow forget refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    except OSError as error:
+        typer.echo(f"faceflow forget failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    if json_output:
+        typer.echo(json.dumps(done))
+        return
+    version = done["version"]
+    if version:
+        typer.echo(f"version {version['number']} ({version['id'][:12]}): {version['images']} images of "
+                   f"{version['people']} people; {done['images']} images of {person} left out")
+        typer.echo(f"{len(done['retired'])} versions hold {person}: a champion fitted on one is stale until the next retraining")
+    if api_url is None and version:
+        typer.echo("no Prefect server is running (make ui): no event announced the version, so no retraining was triggered",
+                   err=True)
+    if done["purged"]:
+        purged = done["purged"]
+        typer.echo(f"purged {len(purged['versions'])} versions, {len(purged['run_folders'])} run folders, "
+                   f"{len(purged['champions'])} champion folders, {purged['cached_results']} cached task results")
+
+
+app.command("forget")(forget)
+
+
 def faces(
     version: Annotated[str | None, typer.Argument(help="A version (number, id or id prefix, 'latest'): list its people instead.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON value.")] = False,
@@ -478,6 +542,7 @@ def faces(
     typer.echo(f"{'version':>7}  {'id':<12}  {'created':<25}  {'people':>6}  {'images':>6}  {'added':>6}")
     for version in versions:
         mark = "  latest" if latest and version.id == latest.id else ""
+        mark += f"  forgot {', '.join(version.forgotten)}" if version.forgotten else ""
         typer.echo(
             f"{version.number:>7}  {version.short:<12}  {version.created:<25}  {version.people:>6}  "
             f"{version.images:>6}  {version.added:>6}{mark}"

@@ -2,6 +2,11 @@
 
 Every task input is a ``Keyed`` result or a plain parameter (faceflow.keys); the policy hashes
 those keys with the digest of faceflow's source, so editing the code invalidates the cache.
+
+Flows run a version's steps under the tag ``faces:<version id, 12 digits>`` (``version_tag``),
+which the UI shows on each task run; the policy also notes each key computed under it in
+``$PREFECT_HOME/faceflow-cache-index/<version>``, so that forgetting a person can delete the
+cached results computed from the versions that held them (tasks.forgetting).
 """
 
 from __future__ import annotations
@@ -32,7 +37,37 @@ class KeyedInputs(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        return cache_key(task_ctx.task.name, inputs)
+        key = cache_key(task_ctx.task.name, inputs)
+        for tag in task_ctx.task_run.tags:
+            if tag.startswith(VERSION_TAG_PREFIX):
+                note_key(tag.removeprefix(VERSION_TAG_PREFIX), key)
+        return key
+
+
+VERSION_TAG_PREFIX = "faces:"
+
+
+def version_tag(version_id: str) -> str:
+    """The tag a version's task runs carry: ``faces:`` and the version id's first 12 hex digits."""
+    return VERSION_TAG_PREFIX + version_id[:12]
+
+
+def cache_index() -> Path:
+    """Where each version's cache keys are noted: one file per version (12 hex digits), a key per line."""
+    return prefect_home() / "faceflow-cache-index"
+
+
+def lock_folder() -> Path:
+    """Where the cache's lock files live (beside Prefect's result storage)."""
+    return prefect_home() / "locks"
+
+
+def note_key(version: str, key: str) -> None:
+    """Note that ``key``'s result is computed from faces version ``version`` (appended: one short write)."""
+    folder = cache_index()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / version, "a") as handle:
+        handle.write(key + "\n")
 
 
 def cache_key(task_name: str, inputs: dict[str, Any]) -> str:
@@ -118,5 +153,5 @@ def _process_alive(pid: int) -> bool:
 # Serializable: a second identical run waits for the first one's task and reads its result
 # instead of computing it again (the lock files live beside Prefect's result storage).
 KEYED_INPUTS = KeyedInputs().configure(
-    isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(prefect_home() / "locks")
+    isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(lock_folder())
 )

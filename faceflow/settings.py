@@ -45,6 +45,12 @@ def faces_dir() -> Path:
     return Path(os.environ.get(FACES_DIR_VARIABLE, "").strip() or "faces").expanduser().absolute()
 
 
+def result_storage() -> Path:
+    """Where Prefect stores task results: PREFECT_RESULTS_LOCAL_STORAGE_PATH, else PREFECT_HOME/storage."""
+    value = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "").strip()
+    return Path(value).expanduser().resolve() if value else prefect_home() / "storage"
+
+
 def prefect_home() -> Path:
     """PREFECT_HOME as Prefect resolves it: the variable, else ~/.prefect."""
     return Path(os.environ.get(HOME_VARIABLE, "").strip() or "~/.prefect").expanduser().resolve()

@@ -18,15 +18,18 @@ from tasks.steps import ingest_faces
 VERSION_CREATED = "faceflow.faces.version.created"
 
 
-def announce_version(version: dict[str, Any], previous: dict[str, Any] | None, new_people: list[str]) -> None:
-    """Emit ``faceflow.faces.version.created`` with the version and its counts (the Event Feed shows it)."""
+def announce_version(version: dict[str, Any], previous: str | None, new_people: list[str], forgotten: list[str] = ()) -> None:
+    """Emit ``faceflow.faces.version.created`` with the version and its counts (the Event Feed shows it).
+
+    ``previous`` is the id of the version before; ``forgotten`` the people it forgot (flows/forget.py).
+    """
     emit_event(
         event=VERSION_CREATED,
         resource={"prefect.resource.id": f"faceflow.faces.version.{version['id']}",
                   "prefect.resource.name": f"faces version {version['number']}"},
         payload={"version": version["id"], "number": version["number"], "images": version["images"],
                  "people": version["people"], "added": version["added"], "new_people": new_people,
-                 "previous": previous["id"] if previous else None},
+                 "forgotten": list(forgotten), "previous": previous},
     )
 
 
@@ -41,5 +44,6 @@ def faceflow_ingest(
     if summary["version"] is None:
         get_run_logger().info(f"nothing new: every image of {path} is already in the store")
     else:
-        announce_version(summary["version"], summary["previous"], summary["new_people"])
+        previous = summary["previous"]
+        announce_version(summary["version"], previous["id"] if previous else None, summary["new_people"])
     return summary

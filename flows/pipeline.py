@@ -5,17 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from artifacts.publish import publish_table
 from artifacts.run_folder import check_output_folder, run_folder_problems
+from faceflow.caching import version_tag
 from faceflow.config import FaceflowConfig
 from faceflow.keys import content_key, project_source_digest
 from faceflow.threads import limited_threads
 from flows.states import TaskStates
 from tasks.data import check_config_against, interpolation_endpoints, resolve_data_file
 from tasks.devices import resolve_device
-from tasks.results import Faces, RunReport
+from tasks.results import Faces, ReportInputs, RunReport
 from tasks.steps import (
     build_dataloader, fetch_faces, fit_baselines, fit_pca, interpolate_faces, report, sample_faces, score_log_prob,
     score_new_people, split_faces, train_realnvp,
@@ -30,6 +31,8 @@ class PipelineResult:
     task_states: dict[str, str]
     repairs: tuple[str, ...]  # what was wrong with the run folder, which this run wrote again
     config: FaceflowConfig | None = None  # as run: data.faces_version resolved to the version's id
+    validation: tuple[int, ...] = ()  # the validation faces' indices into the version (what retraining judges on)
+    validation_ids: tuple[str, ...] = ()  # their image ids
 
 
 def with_version(config: FaceflowConfig, version_id: str) -> FaceflowConfig:
@@ -60,19 +63,22 @@ def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResu
         check_config_against(faces, config)  # too few people, bad endpoints, too many components: before any work
         config = with_version(config, faces.version)
         run_folder = run_folder_for(config, None)
-        arguments = _run_tasks(steps, config, faces, device)
-        written = steps.run(report, run_folder, *arguments)
-        # Verified, not trusted: a cached report whose folder has lost or changed a file writes it again.
-        repairs = tuple(run_folder_problems(run_folder)) if steps.names["report"] == "Cached" else ()
-        if repairs:
-            get_run_logger().warning(f"run folder {run_folder}: {'; '.join(repairs)}; writing it again")
-            written = steps.run(report.with_options(refresh_cache=True), run_folder, *arguments)
+        with tags(version_tag(faces.version)):  # each step's task run names its version; its cache key is noted
+            inputs = _run_tasks(steps, config, faces, device)
+            written = steps.run(report, run_folder, inputs)
+            # Verified, not trusted: a cached report whose folder has lost or changed a file writes it again.
+            repairs = tuple(run_folder_problems(run_folder)) if steps.names["report"] == "Cached" else ()
+            if repairs:
+                get_run_logger().warning(f"run folder {run_folder}: {'; '.join(repairs)}; writing it again")
+                written = steps.run(report.with_options(refresh_cache=True), run_folder, inputs)
     publish_table("faceflow-cache", steps.rows(), "Each task of this run: computed, or served from the cache")
-    return PipelineResult(written, steps.names, repairs, config)
+    validation = inputs.split.validation.tolist()
+    return PipelineResult(written, steps.names, repairs, config, tuple(validation),
+                          tuple(faces.image_ids[index] for index in validation))
 
 
-def _run_tasks(steps: TaskStates, config: FaceflowConfig, faces: Faces, device: str) -> tuple:
-    """Every step after fetching and before the report; returns the report's inputs after the run folder."""
+def _run_tasks(steps: TaskStates, config: FaceflowConfig, faces: Faces, device: str) -> ReportInputs:
+    """Every step after fetching and before the report; returns the report's inputs, by name."""
     split = steps.run(split_faces, faces, config.data)
     # The new-people models need only the faces: with `parallel` they train on another thread
     # (torch releases the GIL; measured 0.56-0.63 of the time of one after the other).
@@ -86,4 +92,5 @@ def _run_tasks(steps: TaskStates, config: FaceflowConfig, faces: Faces, device: 
     scores = steps.run(score_log_prob, trained, pca, faces, split, samples)
     interpolation = steps.run(interpolate_faces, trained, pca, config.interpolate, *interpolation_endpoints(faces, config))
     new_people = steps.result(pending) if pending else steps.run(score_new_people, *new_people_arguments)
-    return split, pca, trained, samples, scores, interpolation, baselines, new_people, config
+    return ReportInputs(split=split, pca=pca, trained=trained, samples=samples, scores=scores, interpolation=interpolation,
+                        baselines=baselines, new_people=new_people, config=config)

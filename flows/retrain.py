@@ -17,15 +17,16 @@ from artifacts.publish import publish_markdown
 from artifacts.rankings import leaderboard_markdown
 from faceflow.config import DataConfig, FaceflowConfig
 from faceflow.keys import content_key
-from faceflow.settings import models_dir
+from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
 from tasks.champion import (
-    ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
+    CHAMPION_VARIABLE, ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
 )
-from tasks.data import resolve_data_file
-from tasks.steps import fetch_faces, promote_champion, score_champion, split_faces
+from tasks.data import version_pixels
+from tasks.forgetting import stale_reason
+from tasks.steps import promote_champion, score_champion
+from tasks.store import FaceStore
 
-CHAMPION_VARIABLE = "faceflow-champion"
 # Promotion compares validation log p, so a retraining run keeps validation faces (a tenth of them).
 RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_fraction=0.1))
 
@@ -87,15 +88,18 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     # challenger's validation faces that the champion was not fitted on either.
     champion = read_champion(models)
     ran = challenger.config or config  # data.faces_version resolved to the id the challenger ran on
-    faces = fetch_faces(resolve_data_file(ran.data), ran.data.faces_version)
-    judged = split_faces(faces, ran.data).validation.tolist()
+    judged = list(challenger.validation)
     champion_validation = None
-    if champion is not None:
-        judged = unseen_by_champion(models, judged, faces.image_ids)
-        champion_validation = score_champion(models, faces, judged) if judged else None
+    # A champion fitted on faces of a person since forgotten may not be used: not scored, replaced.
+    stale = stale_reason(FaceStore(faces_dir()), champion.faces_version) if champion is not None else None
+    if champion is not None and not stale:
+        judged = unseen_by_champion(models, judged, challenger.validation_ids)
+        champion_validation = score_champion(models, version_pixels(ran.data.faces_version, judged)) if judged else None
     challenger_validation = validation_image_log_prob(challenger.report.folder, judged) if judged else None
     finite = challenger_validation is not None and math.isfinite(challenger_validation)
-    if champion is not None and judged and champion_validation is None and finite:
+    if stale and finite:
+        decision = Decision(True, f"the champion is stale ({stale}): replaced whatever the margin")
+    elif champion is not None and judged and champion_validation is None and finite:
         decision = Decision(True, "the champion has no image-space figures (promoted before they existed): replaced")
     else:
         decision = decide(math.nan if challenger_validation is None else challenger_validation, champion_validation, margin,

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import dask
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 from pydantic import Field
 
 from artifacts.publish import publish_markdown, start_progress, update_progress
 from artifacts.rankings import sweep_markdown
-from faceflow.caching import is_cached
+from faceflow.caching import is_cached, version_tag
 from faceflow.config import FaceflowConfig
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
@@ -90,6 +90,7 @@ class _Configuration:
     pca: FittedPCA
     split: Split
     batches: FaceBatches
+    version: str  # the faces version id its steps ran on (their task runs' tag)
     trained: PrefectFuture | Any = None
     score: PrefectFuture | ModelScore | None = None
 
@@ -106,16 +107,18 @@ def _shared_upstream(configs: list[tuple[dict[str, Any], FaceflowConfig]], steps
         data_key = f"{data_file}:{config.data.faces_version}"
         if data_key not in faces:
             faces[data_key] = steps.run(fetch_faces, data_file, config.data.faces_version)
-        split_key = data_key + config.data.model_dump_json()
-        if split_key not in splits:
-            splits[split_key] = steps.run(split_faces, faces[data_key], config.data)
-        pca_key = split_key + config.pca.model_dump_json()
-        if pca_key not in pcas:
-            pcas[pca_key] = steps.run(fit_pca, faces[data_key], splits[split_key], config.pca)
-        loader_key = f"{pca_key}{config.train.batch_size}:{config.seed}"
-        if loader_key not in loaders:
-            loaders[loader_key] = steps.run(build_dataloader, pcas[pca_key], splits[split_key], config.train, config.seed)
-        prepared.append(_Configuration(number, values, config, pcas[pca_key], splits[split_key], loaders[loader_key]))
+        version = faces[data_key].version
+        with tags(version_tag(version)):  # each step's task run names its version; its cache key is noted
+            split_key = data_key + config.data.model_dump_json()
+            if split_key not in splits:
+                splits[split_key] = steps.run(split_faces, faces[data_key], config.data)
+            pca_key = split_key + config.pca.model_dump_json()
+            if pca_key not in pcas:
+                pcas[pca_key] = steps.run(fit_pca, faces[data_key], splits[split_key], config.pca)
+            loader_key = f"{pca_key}{config.train.batch_size}:{config.seed}"
+            if loader_key not in loaders:
+                loaders[loader_key] = steps.run(build_dataloader, pcas[pca_key], splits[split_key], config.train, config.seed)
+        prepared.append(_Configuration(number, values, config, pcas[pca_key], splits[split_key], loaders[loader_key], version))
     return prepared
 
 
@@ -160,6 +163,16 @@ def _rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"rank": rank} | row for rank, row in enumerate(ranked, start=1)]
 
 
+def _train_and_score(item: _Configuration, arguments: tuple, device: str, steps: _Executions) -> None:
+    """Read a cached configuration here (no cluster for a stored result); else submit it to the cluster."""
+    if is_cached(train_realnvp, batches=item.batches, config=item.config.train, seed=item.config.seed, device=device):
+        item.trained = steps.run(train_realnvp, *arguments)  # read here: no cluster for a cached result
+        item.score = steps.run(score_model, item.trained, item.pca, item.split)
+    else:
+        item.trained = train_realnvp.submit(*arguments)
+        item.score = score_model.submit(item.trained, item.pca, item.split)
+
+
 @flow(name="faces-sweep", persist_result=True, task_runner=sweep_task_runner())
 def faces_sweep(
     spec: SweepSpec = SweepSpec(),
@@ -177,12 +190,8 @@ def faces_sweep(
     for item in prepared:
         device = resolve_device(item.config.train.device)
         arguments = (item.batches, item.config.train, item.config.seed, device)
-        if is_cached(train_realnvp, batches=item.batches, config=item.config.train, seed=item.config.seed, device=device):
-            item.trained = steps.run(train_realnvp, *arguments)  # read here: no cluster for a cached result
-            item.score = steps.run(score_model, item.trained, item.pca, item.split)
-        else:
-            item.trained = train_realnvp.submit(*arguments)
-            item.score = score_model.submit(item.trained, item.pca, item.split)
+        with tags(version_tag(item.version)):
+            _train_and_score(item, arguments, device, steps)
     pending = [item.score for item in prepared if isinstance(item.score, PrefectFuture)]
     rows = []
     for done, item in enumerate(_as_they_finish(prepared, pending), start=1):

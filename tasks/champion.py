@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from artifacts.tables import json_safe
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
 RECORD = "champion.json"
 LEADERBOARD = "leaderboard.json"
+CHAMPION_VARIABLE = "faceflow-champion"  # the Prefect Variable that mirrors the champion's record
 
 
 class ChampionError(ValueError):
@@ -75,16 +77,16 @@ def decide(challenger_validation: float, champion_validation: float | None, marg
     )
 
 
-def unseen_by_champion(models_dir: Path, validation: list[int], image_ids: tuple[str, ...] = ()) -> list[int]:
-    """The challenger's validation faces the champion was not fitted on (its split.json), by image id.
+def unseen_by_champion(models_dir: Path, validation: list[int], validation_ids: Sequence[str] = ()) -> list[int]:
+    """The challenger's validation faces (indices, and their image ids) the champion was not fitted on (its split.json).
 
     By id when both sides have them: the champion may have been fitted on another faces version,
     whose indices do not index this one's images. By index for a champion from before versions.
     """
     split = json.loads((champion_path(models_dir) / "split.json").read_text())
-    if image_ids and "fit_ids" in split:
+    if validation_ids and "fit_ids" in split:
         fitted_ids = set(split["fit_ids"])
-        return [index for index in validation if image_ids[index] not in fitted_ids]
+        return [index for index, identity in zip(validation, validation_ids, strict=True) if identity not in fitted_ids]
     fitted = set(split["fit"])
     return [index for index in validation if index not in fitted]
 

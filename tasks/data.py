@@ -170,6 +170,15 @@ def open_faces(data_file: Path | None, reference: str, root: Path | None = None)
     )
 
 
+def version_pixels(reference: str, indices: Sequence[int], root: Path | None = None) -> np.ndarray:
+    """The pixels (n, 4096) of images ``indices`` of a version of the store at ``root`` (FACEFLOW_FACES_DIR)."""
+    from faceflow.settings import faces_dir
+    from tasks.store import FaceStore
+
+    store = FaceStore(root or faces_dir())
+    return store.read(store.resolve(reference)).images[list(indices)].reshape(len(indices), N_PIXELS)
+
+
 def split_position(split_seed: int, image_id: str) -> float:
     """Where an image falls in [0, 1) for a split seed: its part depends on this and nothing else."""
     digest = hashlib.sha256(f"faceflow-split:{split_seed}:{image_id}".encode()).digest()

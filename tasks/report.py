@@ -17,7 +17,7 @@ from artifacts.report import FIGURES, comparison_table, conclusions, image_compa
 from artifacts.tables import json_safe
 from faceflow.config import FaceflowConfig
 from tasks.results import (
-    Baselines, FittedPCA, GeneratedFaces, Interpolation, NewPeople, Scores, Split, TrainedFlow,
+    Baselines, FittedPCA, GeneratedFaces, Interpolation, NewPeople, ReportInputs, Scores, Split, TrainedFlow,
 )
 from tasks.score import bits_per_dim
 
@@ -133,11 +133,10 @@ def _csv(rows: list[dict] | dict[str, np.ndarray]) -> bytes:
     return pd.DataFrame(rows).to_csv(index=False).encode()
 
 
-def build_report(
-    run_name: str, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces, scores: Scores,
-    interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
-) -> BuiltReport:
-    """The report and every file of the run folder; ``config`` is recorded as config.json."""
+def build_report(run_name: str, inputs: ReportInputs) -> BuiltReport:
+    """The report and every file of the run folder; ``inputs.config`` is recorded as config.json."""
+    split, pca, trained, samples, scores = inputs.split, inputs.pca, inputs.trained, inputs.samples, inputs.scores
+    interpolation, baselines, new_people, config = inputs.interpolation, inputs.baselines, inputs.new_people, inputs.config
     metrics = run_metrics(trained, pca, scores, samples, baselines, new_people)
     metrics["fit_faces"] = float(len(split.fit))
     metrics["people_fitted_whole"] = float(len(split.fitted_whole))

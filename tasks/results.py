@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from faceflow.config import FaceflowConfig
 
 
 @dataclass(frozen=True)
@@ -272,3 +274,25 @@ class RunReport:
     key: str
     folder: Path
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a run's report is built from, by name: every step's result after fetching, and the config as run."""
+
+    split: Split
+    pca: FittedPCA
+    trained: TrainedFlow
+    samples: GeneratedFaces
+    scores: Scores
+    interpolation: Interpolation
+    baselines: Baselines
+    new_people: NewPeople
+    config: FaceflowConfig
+
+    @property
+    def key(self) -> str:
+        """From the keys of its parts and the config (faceflow.keys): what the report's cache key is made of."""
+        from faceflow.keys import content_key
+
+        return content_key(*(getattr(self, part.name) for part in fields(self)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -25,8 +26,8 @@ from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, prefect_home
 from tasks.champion import ChampionRecord
 from tasks.results import (
-    Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, RunReport, Scores,
-    Split, TrainedFlow,
+    Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, ReportInputs, RunReport,
+    Scores, Split, TrainedFlow,
 )
 
 STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
@@ -233,15 +234,12 @@ def interpolate_faces(trained: TrainedFlow, pca: FittedPCA, config: InterpolateC
 
 
 @task(name="report", **STEP)
-def report(
-    run_folder: Path, split: Split, pca: FittedPCA, trained: TrainedFlow, samples: GeneratedFaces, scores: Scores,
-    interpolation: Interpolation, baselines: Baselines, new_people: NewPeople, config: FaceflowConfig,
-) -> RunReport:
+def report(run_folder: Path, inputs: ReportInputs) -> RunReport:
     """report.md with figures and the model files in the run folder; the report in the UI."""
     from artifacts.run_folder import write_run_folder
     from tasks.report import build_report
 
-    built = build_report(run_folder.name, split, pca, trained, samples, scores, interpolation, baselines, new_people, config)
+    built = build_report(run_folder.name, inputs)
     write_run_folder(run_folder, built.files)
     publish_markdown("faceflow-report", built.markdown, "faceflow run report")
     # Numbers only, so the table fits the UI's artifact panel; each model's free-text detail is
@@ -251,7 +249,8 @@ def report(
                   "pixels (image space) and what each model is: faceflow-report")
     publish_table("faceflow-metrics", [{"metric": k, "value": v} for k, v in built.metrics.items()], "Run metrics")
     return RunReport(
-        content_key("report", run_folder, trained, samples, scores, interpolation, baselines, new_people),
+        content_key("report", run_folder, inputs.trained, inputs.samples, inputs.scores, inputs.interpolation,
+                    inputs.baselines, inputs.new_people),
         run_folder, built.metrics,
     )
 
@@ -277,14 +276,14 @@ def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
 
 
 @task(name="score_champion", cache_policy=NO_CACHE)
-def score_champion(models: Path, faces: Faces, judged: list[int]) -> float | None:
-    """The champion's mean image-space log p of faces ``judged``: of their pixels, through its own PCA.
+def score_champion(models: Path, pixels: np.ndarray) -> float | None:
+    """The champion's mean image-space log p of faces ``pixels`` (n, 4096), through its own PCA.
 
     None for a champion promoted before image-space log p existed: it is replaced (no fair figure).
     """
     from tasks.champion_model import champion_image_log_prob
 
-    image_log_p = champion_image_log_prob(models, faces.flat[judged])
+    image_log_p = champion_image_log_prob(models, pixels)
     return None if image_log_p is None else float(image_log_p.mean())
 
 

@@ -111,6 +111,8 @@ class Version:
     added: int  # images new in this version
     duplicates: int  # images offered to this version that the store already held
     shards: tuple[str, ...]  # shard files the manifest reads
+    forgotten: tuple[str, ...] = ()  # people this version forgot: its parent held them, it holds none of their images
+    retired: tuple[str, ...] = ()  # ids of every version that held an image of a person this version forgot
 
     @property
     def short(self) -> str:
@@ -121,7 +123,8 @@ class Version:
 
     @classmethod
     def from_json(cls, record: dict[str, object]) -> Version:
-        return cls(**{**record, "shards": tuple(record["shards"])})  # type: ignore[arg-type]
+        tuples = {name: tuple(record.get(name, ())) for name in ("shards", "forgotten", "retired")}
+        return cls(**{**record, **tuples})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,17 @@ class AddResult:
     duplicates: int  # already in the store
     repeated: int  # offered more than once in this ingest (the first one counts)
     relabelled: int  # duplicates whose offered person differs from the stored one (the stored one stays)
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """What forgetting a person did: the version without them, and the versions that still hold them."""
+
+    person: str
+    version: Version | None  # None when the latest version did not hold them (forgotten before)
+    forgotten_in: Version  # the version that forgot them (``version``, or an earlier one)
+    images: int  # their images in the version before
+    retired: tuple[str, ...]  # ids of every version that held one of their images
 
 
 class FaceStore:
@@ -196,6 +210,14 @@ class FaceStore:
                 + (" and older" if len(versions) > 5 else "")
             )
         return matches[0]
+
+    def retired(self) -> dict[str, tuple[str, ...]]:
+        """Every version that held an image of a forgotten person: version id -> the people it held that were forgotten."""
+        found: dict[str, tuple[str, ...]] = {}
+        for version in self.versions():
+            for held in version.retired:
+                found[held] = tuple(dict.fromkeys([*found.get(held, ()), *version.forgotten]))
+        return found
 
     def manifest(self, version: Version) -> list[dict[str, str]]:
         """The version's manifest rows, as strings."""
@@ -338,6 +360,101 @@ class FaceStore:
                 placed.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
         return AddResult(version, previous, len(new_rows), duplicates, repeated, relabelled)
+
+    def forget(self, person: str) -> ForgetResult:
+        """A new version = the latest without every image of ``person``; its pixels stay only in older versions.
+
+        The new version reads no shard that holds one of their images (the shards' other images are
+        copied into a new one), so deleting the versions that held them (``purge``) deletes their
+        pixels. The version records whom it forgot and which versions held them: a model fitted on
+        one of those is stale (tasks.forgetting).
+        """
+        check_person(person, "person")
+        with self.locked():
+            latest = self.latest()
+            if latest is None:
+                raise StoreError(f"person {person!r} is not in the face store {self.root}: it holds no version yet")
+            rows = self.manifest(latest)
+            theirs = [row for row in rows if row["person"] == person]
+            if not theirs:
+                earlier = [v for v in self.versions() if person in v.forgotten]
+                if earlier:
+                    return ForgetResult(person, None, earlier[-1], 0, earlier[-1].retired)
+                people = sorted({row["person"] for row in rows})
+                shown = ", ".join(people[:8]) + (f" and {len(people) - 8} more" if len(people) > 8 else "")
+                raise StoreError(f"person {person!r} is not in faces version {latest.number} ({latest.short}); it holds {shown}")
+            kept = [row for row in rows if row["person"] != person]
+            if not kept:
+                raise StoreError(f"person {person!r} is everyone in faces version {latest.number}: forgetting them would leave no face")
+            forgotten_ids = {row["image_id"] for row in theirs}
+            retired = tuple(v.id for v in self.versions() if any(r["image_id"] in forgotten_ids for r in self.manifest(v)))
+            return ForgetResult(person, self._write_without(latest, kept, theirs, retired), latest, len(theirs), retired)
+
+    def _write_without(self, latest: Version, kept: list[dict[str, str]], theirs: list[dict[str, str]],
+                       retired: tuple[str, ...]) -> Version:
+        touched = {row["shard"] for row in theirs}
+        moving = [row for row in kept if row["shard"] in touched]
+        staging = self.root / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        placed: Path | None = None
+        try:
+            shards = [shard for shard in latest.shards if shard not in touched]
+            rows = [dict(row) for row in kept]
+            new_shard = None
+            if moving:
+                pixels = np.stack([np.load(self.root / "images" / row["shard"], mmap_mode="r")[int(row["row"])] for row in moving])
+                shard_bytes = _npy_bytes(pixels)
+                new_shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
+                _write_synced(staging / new_shard, shard_bytes)
+                moved = {row["image_id"]: index for index, row in enumerate(moving)}
+                for row in rows:
+                    if row["image_id"] in moved:
+                        row["shard"], row["row"] = new_shard, str(moved[row["image_id"]])
+                shards.append(new_shard)
+            manifest = _manifest_bytes(rows)
+            person = theirs[0]["person"]
+            version = Version(
+                id=hashlib.sha256(manifest).hexdigest(), number=latest.number + 1, parent=latest.id,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                people=len({row["person"] for row in rows}), images=len(rows), added=0, duplicates=0,
+                shards=tuple(dict.fromkeys(shards)), forgotten=(person,), retired=retired,
+            )
+            folder = staging / "version"
+            folder.mkdir()
+            _write_synced(folder / "manifest.csv", manifest)
+            _write_synced(folder / "version.json", json.dumps(version.to_json(), indent=1).encode())
+            if new_shard is not None:
+                placed = self.root / "images" / new_shard
+                os.replace(staging / new_shard, placed)
+            os.rename(folder, self.root / "versions" / version.id)  # the commit
+            placed = None
+            _fsync_folder(self.root / "versions")
+            _write_pointer(self.root, version.id)
+        finally:
+            if placed is not None:
+                placed.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        return version
+
+    def purge(self, version_ids: Sequence[str]) -> list[Version]:
+        """Delete these versions (never the latest) and every shard no remaining version reads; returns those deleted.
+
+        For forgetting for good: the versions that held a forgotten person go, and with them the
+        only shards holding their pixels.
+        """
+        with self.locked():
+            latest = self.latest()
+            doomed = [v for v in self.versions() if v.id in set(version_ids)]
+            if latest is not None and any(v.id == latest.id for v in doomed):
+                raise StoreError(f"faces version {latest.number} ({latest.short}) is the latest: it cannot be purged")
+            for version in doomed:
+                # Renamed out of versions/ first: a reader never sees a version folder losing files.
+                gone = self.root / ".staging" / f"purged-{version.id}"
+                gone.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self.root / "versions" / version.id, gone)
+            _fsync_folder(self.root / "versions")
+            self._tidy()  # deletes the staging folder and every shard only they read
+            return doomed
 
     def _tidy(self) -> None:
         """Under the lock: drop what a killed writer left (staging files, an unreferenced shard) and fix the pointer."""
