@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from artifacts.atomic import staged_folder, write_synced
 
 MANIFEST = "manifest.json"
 # A run folder holds about 1 MB (figures, model, PCA); ask for room to spare.
@@ -48,12 +49,6 @@ def sha256_of(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
     """Write every file and a manifest (file -> sha256) into a hidden sibling folder, then swap it into place.
 
@@ -61,19 +56,10 @@ def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
     """
     manifest = {name: sha256_of(content) for name, content in sorted(files.items())}
     files = files | {MANIFEST: json.dumps(manifest, indent=1).encode()}
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
     try:
-        for name, content in files.items():
-            (staging / name).write_bytes(content)
-        if destination.exists():
-            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, retired)
-            os.replace(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
+        with staged_folder(destination) as staging:
+            for name, content in files.items():
+                write_synced(staging / name, content)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise OutputFolderError(
@@ -81,8 +67,6 @@ def write_run_folder(destination: Path, files: dict[str, bytes]) -> Path:
                 f"{destination.name}; nothing was written"
             ) from error
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return destination
 
 

@@ -13,14 +13,13 @@ import datetime
 import fcntl
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from artifacts.tables import json_safe
+from artifacts.atomic import staged_folder, swap_link, write_file, write_synced
 
 
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
@@ -118,21 +117,11 @@ def install_champion(run_folder: Path, record: ChampionRecord, models_dir: Path)
     """Copy the run's model files into models/champion-<run>/, then point models/champion at it atomically."""
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f"champion-{run_folder.name.removeprefix('run-')}-{record.seed}"
-    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{target.name}.", suffix=".partial"))
-    try:
+    with staged_folder(target) as staging:
         for name in CHAMPION_FILES:
             shutil.copy2(run_folder / name, staging / name)
-        (staging / RECORD).write_text(json.dumps(record.to_json(), indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    link = champion_path(models_dir)
-    temporary_link = models_dir / f".champion.{os.getpid()}.link"
-    temporary_link.unlink(missing_ok=True)
-    temporary_link.symlink_to(target.name)
-    os.replace(temporary_link, link)  # one rename: readers see the old champion or the new one
+        write_synced(staging / RECORD, json.dumps(record.to_json(), indent=1).encode())
+    swap_link(champion_path(models_dir), target.name)  # one rename: readers see the old champion or the new one
     return target
 
 
@@ -146,9 +135,7 @@ def append_leaderboard(models_dir: Path, row: dict[str, object]) -> list[dict[st
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(path.read_text()) if path.is_file() else []
         rows.append(row)
-        temporary = path.with_name(f".{LEADERBOARD}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(rows, indent=1))
-        os.replace(temporary, path)
+        write_file(path, json.dumps(rows, indent=1).encode())
     return rows
 
 

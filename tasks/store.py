@@ -17,6 +17,10 @@ and renamed into place, the version folder last: a version exists whole or not a
 writer killed at any point leaves at most an unreferenced shard, deleted by the next writer.
 Shards, not one file per image: reading 40,000 faces is then a few ``np.load`` calls.
 
+Forgetting a person writes a version without them that reads no shard holding their pixels (the
+shards' other images are copied into a new one); ``purge`` deletes the versions that held them,
+and with them the only shards that do.
+
 Prefect-free, torch-free: numpy and the standard library only.
 """
 
@@ -30,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from artifacts.atomic import fsync_folder, staged_folder, write_file, write_synced
 
 IMAGE_SHAPE = (64, 64)
 MANIFEST_COLUMNS = ("image_id", "person", "source", "added_in", "shard", "row")
@@ -319,46 +324,26 @@ class FaceStore:
         if not new:
             return AddResult(None, previous, 0, duplicates, repeated, relabelled)
         number = (previous.number if previous else 0) + 1
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
-        placed: Path | None = None
-        try:
-            shard_bytes = _npy_bytes(images[new])
-            shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
-            _write_synced(staging / shard, shard_bytes)
-            new_rows = [
-                {"image_id": ids[i], "person": names[i], "source": str(sources[i]), "added_in": str(number),
-                 "shard": shard, "row": str(row)}
-                for row, i in enumerate(new)
-            ]
-            manifest = _manifest_bytes(rows + new_rows)
-            version = Version(
-                id=hashlib.sha256(manifest).hexdigest(),
-                number=number,
-                parent=previous.id if previous else None,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                people=len({row["person"] for row in rows + new_rows}),
-                images=len(rows) + len(new_rows),
-                added=len(new_rows),
-                duplicates=duplicates + repeated,
-                shards=tuple(dict.fromkeys([*(previous.shards if previous else ()), shard])),
-            )
-            folder = staging / "version"
-            folder.mkdir()
-            _write_synced(folder / "manifest.csv", manifest)
-            _write_synced(folder / "version.json", json.dumps(version.to_json(), indent=1).encode())
-            (self.root / "images").mkdir(exist_ok=True)
-            (self.root / "versions").mkdir(exist_ok=True)
-            placed = self.root / "images" / shard
-            os.replace(staging / shard, placed)
-            os.rename(folder, self.root / "versions" / version.id)  # the commit: the version now exists, whole
-            placed = None
-            _fsync_folder(self.root / "versions")
-            _write_pointer(self.root, version.id)
-        finally:
-            if placed is not None:  # the shard is in place but its version is not: take it back
-                placed.unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
+        shard_bytes = _npy_bytes(images[new])
+        shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
+        new_rows = [
+            {"image_id": ids[i], "person": names[i], "source": str(sources[i]), "added_in": str(number),
+             "shard": shard, "row": str(row)}
+            for row, i in enumerate(new)
+        ]
+        manifest = _manifest_bytes(rows + new_rows)
+        version = Version(
+            id=hashlib.sha256(manifest).hexdigest(),
+            number=number,
+            parent=previous.id if previous else None,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            people=len({row["person"] for row in rows + new_rows}),
+            images=len(rows) + len(new_rows),
+            added=len(new_rows),
+            duplicates=duplicates + repeated,
+            shards=tuple(dict.fromkeys([*(previous.shards if previous else ()), shard])),
+        )
+        self._commit(version, manifest, shard_bytes)
         return AddResult(version, previous, len(new_rows), duplicates, repeated, relabelled)
 
     def forget(self, person: str) -> ForgetResult:
@@ -394,47 +379,50 @@ class FaceStore:
                        retired: tuple[str, ...]) -> Version:
         touched = {row["shard"] for row in theirs}
         moving = [row for row in kept if row["shard"] in touched]
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir(parents=True)
+        shards = [shard for shard in latest.shards if shard not in touched]
+        rows = [dict(row) for row in kept]
+        shard_bytes = None
+        if moving:
+            pixels = np.stack([np.load(self.root / "images" / row["shard"], mmap_mode="r")[int(row["row"])] for row in moving])
+            shard_bytes = _npy_bytes(pixels)
+            new_shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
+            moved = {row["image_id"]: index for index, row in enumerate(moving)}
+            for row in rows:
+                if row["image_id"] in moved:
+                    row["shard"], row["row"] = new_shard, str(moved[row["image_id"]])
+            shards.append(new_shard)
+        manifest = _manifest_bytes(rows)
+        version = Version(
+            id=hashlib.sha256(manifest).hexdigest(), number=latest.number + 1, parent=latest.id,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            people=len({row["person"] for row in rows}), images=len(rows), added=0, duplicates=0,
+            shards=tuple(dict.fromkeys(shards)), forgotten=(theirs[0]["person"],), retired=retired,
+        )
+        self._commit(version, manifest, shard_bytes)
+        return version
+
+    def _commit(self, version: Version, manifest: bytes, shard_bytes: bytes | None) -> None:
+        """Place the version's new shard (if any), then its folder, then the pointer: the folder's rename is the commit.
+
+        Everything is staged under ``.staging`` first; a failure before the commit takes the placed
+        shard back, and a writer killed before it leaves an unreferenced shard the next writer deletes.
+        """
+        (self.root / "images").mkdir(exist_ok=True)
         placed: Path | None = None
         try:
-            shards = [shard for shard in latest.shards if shard not in touched]
-            rows = [dict(row) for row in kept]
-            new_shard = None
-            if moving:
-                pixels = np.stack([np.load(self.root / "images" / row["shard"], mmap_mode="r")[int(row["row"])] for row in moving])
-                shard_bytes = _npy_bytes(pixels)
-                new_shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
-                _write_synced(staging / new_shard, shard_bytes)
-                moved = {row["image_id"]: index for index, row in enumerate(moving)}
-                for row in rows:
-                    if row["image_id"] in moved:
-                        row["shard"], row["row"] = new_shard, str(moved[row["image_id"]])
-                shards.append(new_shard)
-            manifest = _manifest_bytes(rows)
-            person = theirs[0]["person"]
-            version = Version(
-                id=hashlib.sha256(manifest).hexdigest(), number=latest.number + 1, parent=latest.id,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                people=len({row["person"] for row in rows}), images=len(rows), added=0, duplicates=0,
-                shards=tuple(dict.fromkeys(shards)), forgotten=(person,), retired=retired,
-            )
-            folder = staging / "version"
-            folder.mkdir()
-            _write_synced(folder / "manifest.csv", manifest)
-            _write_synced(folder / "version.json", json.dumps(version.to_json(), indent=1).encode())
-            if new_shard is not None:
-                placed = self.root / "images" / new_shard
-                os.replace(staging / new_shard, placed)
-            os.rename(folder, self.root / "versions" / version.id)  # the commit
-            placed = None
-            _fsync_folder(self.root / "versions")
-            _write_pointer(self.root, version.id)
+            with staged_folder(self.root / "versions" / version.id, staging_root=self.root / ".staging") as folder:
+                write_synced(folder / "manifest.csv", manifest)
+                write_synced(folder / "version.json", json.dumps(version.to_json(), indent=1).encode())
+                if shard_bytes is not None:
+                    shard = hashlib.sha256(shard_bytes).hexdigest() + ".npy"
+                    write_synced(folder / shard, shard_bytes)
+                    placed = self.root / "images" / shard
+                    os.replace(folder / shard, placed)
+            placed = None  # the version is in place, whole: the shard is referenced
         finally:
             if placed is not None:
                 placed.unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        return version
+        write_file(self.root / "LATEST", (version.id + "\n").encode())
 
     def purge(self, version_ids: Sequence[str]) -> list[Version]:
         """Delete these versions (never the latest) and every shard no remaining version reads; returns those deleted.
@@ -452,7 +440,7 @@ class FaceStore:
                 gone = self.root / ".staging" / f"purged-{version.id}"
                 gone.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(self.root / "versions" / version.id, gone)
-            _fsync_folder(self.root / "versions")
+            fsync_folder(self.root / "versions")
             self._tidy()  # deletes the staging folder and every shard only they read
             return doomed
 
@@ -467,7 +455,7 @@ class FaceStore:
                     shard.unlink()
             pointer = self.root / "LATEST"
             if not pointer.is_file() or pointer.read_text().strip() != versions[-1].id:
-                _write_pointer(self.root, versions[-1].id)
+                write_file(pointer, (versions[-1].id + "\n").encode())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -483,24 +471,3 @@ def _manifest_bytes(rows: list[dict[str, str]]) -> bytes:
     writer.writerows(rows)
     return buffer.getvalue().encode()
 
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write and fsync: a rename must never publish a file whose bytes are still only in the page cache."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_pointer(root: Path, version_id: str) -> None:
-    temporary = root / f".LATEST.{uuid.uuid4().hex}"
-    _write_synced(temporary, (version_id + "\n").encode())
-    os.replace(temporary, root / "LATEST")
