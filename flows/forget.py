@@ -21,7 +21,7 @@ from faceflow.settings import faces_dir, models_dir, result_storage
 from flows.ingest import announce_version
 from tasks.champion import CHAMPION_VARIABLE
 from tasks.forgetting import forget_person
-from tasks.store import FaceStore
+from tasks.store import PERSON_PATTERN, FaceStore
 
 
 def forget_here(person: str, purge: bool, output_dirs: list[Path]) -> dict[str, Any]:
@@ -55,7 +55,8 @@ def forget_markdown(done: dict[str, Any]) -> str:
 
 @flow(name="faceflow-forget")
 def faceflow_forget(
-    person: Annotated[str, Field(description="The person's label in the face store (faceflow faces latest lists them).")],
+    person: Annotated[str, Field(pattern=PERSON_PATTERN.pattern, description="The person's label in the face store "
+                                 "(`faceflow faces latest` lists them): letters, digits, '.', '_', '-'.")],
     purge: Annotated[bool, Field(description="Also delete the older versions that hold them, and every run folder, "
                                              "champion and cached result computed from those versions.")] = False,
     output_dirs: Annotated[list[Path], Field(description="Folders of run folders to purge, besides those the leaderboard names.")] = [Path("outputs")],  # noqa: B006

@@ -233,3 +233,42 @@ def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, tmp_
     assert named in message, message
     assert not outputs.exists() or not any(outputs.iterdir())
     assert_refused_before_any_work(case, ui.api_url, flow_run_id)
+
+
+def _store_files() -> dict[str, bytes]:
+    from faceflow.settings import faces_dir
+
+    root = faces_dir()
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+# The ingest and forget deployments' forms, as the UI sends them: (deployment, flow, parameters, what the error names).
+STORE_CASES = {
+    "ingest of a missing folder": ("ingest", "faceflow-ingest", lambda tmp: {"path": str(tmp / "absent")}, "absent"),
+    "ingest of an empty folder": ("ingest", "faceflow-ingest", lambda tmp: {"path": str(_folder(tmp / "empty"))}, "empty"),
+    "ingest of a file that is not an image": (
+        "ingest", "faceflow-ingest", lambda tmp: {"path": str(_write(_folder(_folder(tmp / "people") / "ann") / "x.png", b"not a png").parent.parent)},
+        "x.png"),
+    "forget of a person not there": ("forget", "faceflow-forget", lambda tmp: {"person": "nobody-here"}, "nobody-here"),
+    "forget of an invalid label": ("forget", "faceflow-forget", lambda tmp: {"person": "../etc"}, "person"),
+}
+
+
+@pytest.mark.parametrize("case", list(STORE_CASES))
+def test_ingest_and_forget_deployments_refuse_bad_input_naming_it_and_leave_the_store_unchanged(
+    case: str, tmp_path: Path, ui: RunningUI
+) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    deployment, flow, parameters, named = STORE_CASES[case]
+    before = _store_files()
+    try:
+        flow_run_id = run_deployment(ui.api_url, deployment, parameters(tmp_path), flow=flow)
+    except PrefectHTTPStatusError as refused:  # the form's schema: the server refuses it before any run
+        assert refused.response.status_code in (409, 422) and named in refused.response.text, refused.response.text
+    else:
+        assert wait_for_state(ui.api_url, flow_run_id, {"Failed"}, timeout=300) == "Failed"
+        with client(ui.api_url) as prefect:
+            message = prefect.read_flow_run(flow_run_id).state.message
+        assert named in message, message
+    assert _store_files() == before

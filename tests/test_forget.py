@@ -113,6 +113,10 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FACEFLOW_MODELS_DIR", str(root / "models"))
         patch.setenv("FACEFLOW_FACES_DIR", str(root / "faces"))
+        # Version 1 is the Olivetti faces less one image: its id, and so every cache key computed from it,
+        # is this module's own, and the purge deletes no other test's cached results.
+        FaceStore(root / "faces").add(faces.images[:-1], [f"olivetti-{t:02d}" for t in faces.target[:-1]],
+                                      [f"olivetti[{i}]" for i in range(len(faces.target) - 1)])
         home = copy_home(migrated_home, root / "home")
         env = dict(os.environ)  # this session's PREFECT_HOME: where the flows run here store their results
         with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
