@@ -493,14 +493,19 @@ def forget(
     if version:
         typer.echo(f"version {version['number']} ({version['id'][:12]}): {version['images']} images of "
                    f"{version['people']} people; {done['images']} images of {person} left out")
-        typer.echo(f"{len(done['retired'])} versions hold {person}: a champion fitted on one is stale until the next retraining")
+        typer.echo(f"{_count(len(done['retired']), 'version')} held {person}: "
+                   "a champion fitted on one is stale until the next retraining")
     if api_url is None and version:
         typer.echo("no Prefect server is running (make ui): no event announced the version, so no retraining was triggered",
                    err=True)
     if done["purged"]:
         purged = done["purged"]
-        typer.echo(f"purged {len(purged['versions'])} versions, {len(purged['run_folders'])} run folders, "
-                   f"{len(purged['champions'])} champion folders, {purged['cached_results']} cached task results")
+        typer.echo(f"purged {_count(len(purged['versions']), 'version')}, {_count(len(purged['run_folders']), 'run folder')}, "
+                   f"{_count(len(purged['champions']), 'champion folder')}, {_count(purged['cached_results'], 'cached task result')}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 app.command("forget")(forget)
@@ -538,11 +543,12 @@ def faces(
     if not versions:
         typer.echo(f"no versions in {store.root} yet: the first run or ingest makes version 1 from the Olivetti faces")
         return
-    latest = store.latest()
+    latest, retired = store.latest(), store.retired()
     typer.echo(f"{'version':>7}  {'id':<12}  {'created':<25}  {'people':>6}  {'images':>6}  {'added':>6}")
     for version in versions:
         mark = "  latest" if latest and version.id == latest.id else ""
         mark += f"  forgot {', '.join(version.forgotten)}" if version.forgotten else ""
+        mark += f"  holds {', '.join(retired[version.id])}, forgotten since" if version.id in retired else ""
         typer.echo(
             f"{version.number:>7}  {version.short:<12}  {version.created:<25}  {version.people:>6}  "
             f"{version.images:>6}  {version.added:>6}{mark}"

@@ -46,7 +46,8 @@ def forget_markdown(done: dict[str, Any]) -> str:
                      f"{done['images']} images: {version['images']} images of {version['people']} people.")
     else:
         lines.append(f"Forgotten in faces version {done['forgotten_in']['number']} already.")
-    lines.append(f"{len(done['retired'])} versions held them; a champion fitted on one is stale until the next retraining.")
+    held = len(done["retired"])
+    lines.append(f"{held} version{'' if held == 1 else 's'} held them; a champion fitted on one is stale until the next retraining.")
     if purged:
         lines += ["", f"Purged: {len(purged['versions'])} versions, {len(purged['run_folders'])} run folders, "
                       f"{len(purged['champions'])} champion folders, {purged['cached_results']} cached task results."]
