@@ -244,19 +244,33 @@ def ui(
 app.command("ui")(ui)
 
 
+champion_app = typer.Typer(help="The champion model, the registry's history and checks, and rollback.")
+
+
+@champion_app.callback(invoke_without_command=True)
 def champion(
-    json_output: Annotated[bool, typer.Option("--json", help="Print the record as one JSON object.")] = False,
+    context: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the record (or the history) as JSON.")] = False,
+    history: Annotated[bool, typer.Option("--history", help="Every champion of the registry, oldest promotion first.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Check that the link, the faceflow-champion Variable and the "
+                                         "leaderboard agree, finishing or undoing an interrupted promotion.")] = False,
 ) -> None:
     """The champion model: its run folder, flow run, seed, faces version, validation and held-out log p, and if it is stale."""
+    if context.invoked_subcommand is not None:
+        return
     from tasks.champion import read_champion
-    from tasks.forgetting import stale_reason
-    from tasks.store import FaceStore
 
+    if check:
+        _check_registry(json_output)
+        return
+    if history:
+        _print_history(json_output)
+        return
     record = read_champion(models_dir())
     if record is None:
         typer.echo(f"no champion in {models_dir()} yet: the weekly-retrain deployment promotes the first one", err=True)
         raise typer.Exit(code=1)
-    stale = stale_reason(FaceStore(faces_dir()), record.faces_version)
+    stale = _stale(record)
     if json_output:
         typer.echo(json.dumps(record.to_json() | {"stale": stale}))
         return
@@ -268,7 +282,89 @@ def champion(
         typer.echo(f"  STALE: {stale}; the next retraining replaces it whatever the margin")
 
 
-app.command("champion")(champion)
+def _stale(record: Any) -> str | None:
+    from tasks.forgetting import stale_reason
+    from tasks.store import FaceStore
+
+    return stale_reason(FaceStore(faces_dir()), record.faces_version)
+
+
+def _print_history(json_output: bool) -> None:
+    from tasks.registry import champions
+
+    found = champions(models_dir())
+    if json_output:
+        typer.echo(json.dumps([{"folder": c.folder, "current": c.current, "stale": _stale(c.record)} | c.record.to_json()
+                               for c in found]))
+        return
+    if not found:
+        typer.echo(f"no champion in {models_dir()} yet", err=True)
+        raise typer.Exit(code=1)
+    for c in found:
+        mark = "  current" if c.current else ""
+        mark += "  STALE" if _stale(c.record) else ""
+        typer.echo(f"{c.folder:<40} promoted {c.record.promoted_at}  seed {c.record.seed:<11} validation log p "
+                   f"{c.record.validation_log_prob:9.2f}  faces version {c.record.faces_version[:12] or '-':<12}{mark}")
+
+
+def _on_the_registry(command: str, work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """``work(alias)`` with the faceflow-champion Variable of the server this PREFECT_HOME uses (started here if none)."""
+    from tasks.champion import ChampionError
+
+    def on_server(api_url: str) -> dict[str, Any]:
+        from commands.runner import recorded_at
+        from tasks.steps import ChampionVariable
+
+        with recorded_at(api_url):
+            try:
+                return work(ChampionVariable())
+            except ChampionError as error:
+                return {"refused": str(error)}
+
+    done = _on_a_server(command, server_start_timeout(), on_server, "nothing was changed")
+    if "refused" in done:
+        typer.echo(f"faceflow {command} refused: {done['refused']}", err=True)
+        raise typer.Exit(code=2)
+    return done
+
+
+def _check_registry(json_output: bool) -> None:
+    from tasks.registry import check
+
+    done = _on_the_registry("champion --check", lambda alias: {"found": check(models_dir(), alias)})
+    if json_output:
+        typer.echo(json.dumps(done))
+        return
+    for line in done["found"]:
+        typer.echo(f"repaired: {line}")
+    typer.echo("the registry is consistent: the link, the faceflow-champion Variable and the leaderboard agree"
+               + (" now" if done["found"] else ""))
+
+
+@champion_app.command("rollback")
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="The champion to make current: its folder name (or a prefix), "
+                                           "or its flow run id; default the one promoted before the current one.")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why: recorded on the leaderboard.")] = "rolled back by hand",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the new current champion as JSON.")] = False,
+) -> None:
+    """Make an earlier champion current again; the leaderboard records who and why."""
+    import getpass
+
+    from tasks.registry import rollback as roll_back
+
+    def work(alias: Any) -> dict[str, Any]:
+        chosen = roll_back(models_dir(), alias, to, getpass.getuser(), reason, stale=_stale)
+        return {"folder": chosen.folder} | chosen.record.to_json()
+
+    done = _on_the_registry("champion rollback", work)
+    if json_output:
+        typer.echo(json.dumps(done))
+        return
+    typer.echo(f"champion: {done['folder']} (from {done['run_folder']}), validation log p {done['validation_log_prob']:.2f}")
+
+
+app.add_typer(champion_app, name="champion")
 
 
 def sample(

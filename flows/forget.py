@@ -12,15 +12,14 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.variables import Variable
 from pydantic import Field
 
 from artifacts.publish import publish_markdown
 from faceflow.caching import cache_index, lock_folder
 from faceflow.settings import faces_dir, models_dir, result_storage
 from flows.ingest import announce_version
-from tasks.champion import CHAMPION_VARIABLE
 from tasks.forgetting import forget_person
+from tasks.steps import ChampionVariable
 from tasks.store import PERSON_PATTERN, FaceStore
 
 
@@ -68,6 +67,6 @@ def faceflow_forget(
     if version is not None:
         announce_version(version, version["parent"], [], forgotten=[person])
     if done["purged"] and done["purged"]["champions"] and not (models_dir() / "champion").exists():
-        Variable.unset(CHAMPION_VARIABLE)  # the champion was fitted on them: none until the next retraining
+        ChampionVariable().set(None)  # the champion was fitted on them: none until the next retraining
         get_run_logger().warning("the champion was fitted on a purged version and is deleted: none until the next retraining")
     return done

@@ -10,7 +10,6 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.variables import Variable
 from pydantic import Field
 
 from artifacts.publish import publish_markdown
@@ -20,10 +19,11 @@ from faceflow.keys import content_key
 from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
 from tasks.champion import (
-    CHAMPION_VARIABLE, ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
+    ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
 )
 from tasks.data import version_pixels
 from tasks.forgetting import stale_reason
+from tasks.registry import leaderboard
 from tasks.steps import promote_champion, score_champion
 from tasks.store import FaceStore
 
@@ -104,6 +104,8 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     else:
         decision = decide(math.nan if challenger_validation is None else challenger_validation, champion_validation, margin,
                           faces=len(judged))
+    row |= {"faces judged": len(judged), "validation pixels": challenger_validation, "champion pixels": champion_validation,
+            "promoted": decision.promote, "why": decision.reason}
     if decision.promote:
         record = ChampionRecord(
             run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
@@ -112,12 +114,11 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
             heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at=now_utc(),
             metrics=challenger.report.metrics, faces_version=ran.data.faces_version,
         )
-        promote_champion(challenger.report.folder, record, models)
-        Variable.set(CHAMPION_VARIABLE, record.to_json(), overwrite=True)
+        promote_champion(challenger.report.folder, record, row, models)  # folder, link, Variable, row: one transaction
         champion = record
-    row |= {"faces judged": len(judged), "validation pixels": challenger_validation, "champion pixels": champion_validation,
-            "promoted": decision.promote, "why": decision.reason}
-    _publish_leaderboard(append_leaderboard(models, row), decision.reason)
+        _publish_leaderboard(leaderboard(models), decision.reason)
+    else:
+        _publish_leaderboard(append_leaderboard(models, row), decision.reason)
     get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
     return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)
 

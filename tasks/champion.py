@@ -2,8 +2,8 @@
 
 The champion lives in ``models/champion``, a link to ``models/champion-<run>/`` holding
 model.pt, pca.joblib, split.json, metrics.json and champion.json (this record). A promotion
-writes the new folder whole, then swaps the link in one rename, so a reader sees the old
-champion or the new one, never a mix. Held-out faces never decide anything here: they stay
+(tasks/registry.py) writes the new folder whole, then swaps the link in one rename, so a reader
+sees the old champion or the new one, never a mix. Held-out faces never decide anything here: they stay
 for the report, so the champion's held-out figure remains an honest estimate.
 """
 
@@ -13,13 +13,12 @@ import datetime
 import fcntl
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from artifacts.tables import json_safe
-from artifacts.atomic import staged_folder, swap_link, write_file, write_synced
+from artifacts.atomic import write_file
 
 
 CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
@@ -111,18 +110,6 @@ def read_champion(models_dir: Path) -> ChampionRecord | None:
     if not record.is_file():
         return None
     return ChampionRecord(**json.loads(record.read_text()))
-
-
-def install_champion(run_folder: Path, record: ChampionRecord, models_dir: Path) -> Path:
-    """Copy the run's model files into models/champion-<run>/, then point models/champion at it atomically."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    target = models_dir / f"champion-{run_folder.name.removeprefix('run-')}-{record.seed}"
-    with staged_folder(target) as staging:
-        for name in CHAMPION_FILES:
-            shutil.copy2(run_folder / name, staging / name)
-        write_synced(staging / RECORD, json.dumps(record.to_json(), indent=1).encode())
-    swap_link(champion_path(models_dir), target.name)  # one rename: readers see the old champion or the new one
-    return target
 
 
 def append_leaderboard(models_dir: Path, row: dict[str, object]) -> list[dict[str, object]]:

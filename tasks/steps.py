@@ -24,7 +24,7 @@ from faceflow.caching import KEYED_INPUTS, cache_key
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, prefect_home
-from tasks.champion import ChampionRecord
+from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
 from tasks.results import (
     Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, ReportInputs, RunReport,
     Scores, Split, TrainedFlow,
@@ -287,11 +287,28 @@ def score_champion(models: Path, pixels: np.ndarray) -> float | None:
     return None if image_log_p is None else float(image_log_p.mean())
 
 
-@task(name="promote_champion", cache_policy=NO_CACHE)
-def promote_champion(run_folder: Path, record: ChampionRecord, models: Path) -> Path:
-    """Make the challenger's model files the champion's, swapped in atomically."""
-    from tasks.champion import install_champion
+class ChampionVariable:
+    """The registry's alias: the Prefect Variable ``faceflow-champion`` (tasks.registry.Alias)."""
 
-    installed = install_champion(run_folder, record, models)
+    def get(self) -> dict | None:
+        from prefect.variables import Variable
+
+        return Variable.get(CHAMPION_VARIABLE, default=None)
+
+    def set(self, record: dict | None) -> None:
+        from prefect.variables import Variable
+
+        if record is None:
+            Variable.unset(CHAMPION_VARIABLE)
+        else:
+            Variable.set(CHAMPION_VARIABLE, record, overwrite=True)
+
+
+@task(name="promote_champion", cache_policy=NO_CACHE)
+def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path) -> Path:
+    """Make the challenger the champion: its folder, the link, the Variable and its leaderboard row, as one transaction."""
+    from tasks.registry import promote
+
+    installed = promote(run_folder, record, row, models, ChampionVariable())
     publish_table("faceflow-champion", [record.to_json()], "The new champion")
     return installed

@@ -27,7 +27,8 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.variables import Variable
 
-    from flows.retrain import CHAMPION_VARIABLE, RETRAIN_CONFIG, faceflow_retrain
+    from flows.retrain import RETRAIN_CONFIG, faceflow_retrain
+    from tasks.champion import CHAMPION_VARIABLE
 
     root = tmp_path_factory.mktemp("retrain")
     models = root / "models"
