@@ -1,7 +1,15 @@
-"""PCA from 4096 pixels to the flow's space, with the lab's power-of-two rule."""
+"""PCA from 4096 pixels to the flow's space, with the lab's power-of-two rule.
+
+Up to EXACT_PCA_MAX_FACES fit faces the PCA is scikit-learn's exact SVD of the whole spectrum.
+Above it an exact SVD costs n² x 4096 (10 s at 3,200 faces, minutes at 32,000), so the PCA is
+scikit-learn's randomized SVD of the leading components only, enough of them to pass the
+variance target; each one's fraction is of the exact total variance. Its cost grows with n, not
+n²; the variance curve in the report then ends where those components end.
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
@@ -13,6 +21,16 @@ from sklearn.decomposition import PCA
 from faceflow.config import PCAConfig
 from faceflow.keys import content_key
 from tasks.results import Faces, FittedPCA, Split
+
+# Fit faces up to which the PCA is the exact, full SVD (every run on the 400 Olivetti faces is);
+# the exact SVD of 1,024 faces takes about a second on one core.
+EXACT_PCA_MAX_FACES = 1024
+# Leading components a randomized PCA starts with: the 90% target took 92 and 106 of them at 4,000
+# and 40,000 faces of the benchmark's synthetic growth (docs/benchmarks.md). A power of two, so
+# the count rounded to a power of two never exceeds it.
+RANDOMIZED_START_COMPONENTS = 256
+# Rows per block when projecting many faces: 40,000 faces in float64 would be 1.3 GB per copy.
+ROWS_PER_BLOCK = 4096
 
 
 def components_for_variance(cumulative_variance: np.ndarray, target: float) -> int:
@@ -26,24 +44,68 @@ def nearest_power_of_two(count: int) -> int:
     return 2 ** round(math.log2(count))
 
 
-def choose_n_components(cumulative_variance: np.ndarray, config: PCAConfig) -> tuple[int, int]:
-    """(components for the variance target, components used), capped at the rank available."""
+def choose_n_components(cumulative_variance: np.ndarray, config: PCAConfig, rank: int | None = None) -> tuple[int, int]:
+    """(components for the variance target, components used), capped at the rank available.
+
+    ``rank`` defaults to what a full spectrum implies: centred data of n images has rank n - 1 at most.
+    """
     from_target = components_for_variance(cumulative_variance, config.variance)
     if config.n_components is not None:
         return from_target, config.n_components
     chosen = nearest_power_of_two(from_target) if config.round_to_power_of_two else from_target
     chosen += chosen % 2  # coupling layers split the coordinates in two equal halves
-    rank = len(cumulative_variance) - 1  # centred data of n images has rank n - 1 at most
+    rank = len(cumulative_variance) - 1 if rank is None else rank
     return from_target, min(chosen, rank - rank % 2)
+
+
+def leading_components(pixels: np.ndarray, rows: np.ndarray, config: PCAConfig) -> PCA:
+    """A randomized PCA of ``pixels[rows]`` with enough leading components to pass the variance target.
+
+    It starts at RANDOMIZED_START_COMPONENTS (or the explicit count) and doubles; past a quarter
+    of the rank, the exact spectrum (scikit-learn's full SVD, or the covariance's
+    eigendecomposition for more faces than pixels) costs less than more rounds. Each fit gets a
+    fresh copy of the rows, which it centres in place: one copy of the fit faces in memory, not two.
+    """
+    rank = min(len(rows), pixels.shape[1])
+    count = max(RANDOMIZED_START_COMPONENTS, config.n_components or 0)
+    while count < rank // 4:
+        pca = PCA(count, svd_solver="randomized", random_state=0, copy=False).fit(pixels[rows])
+        if np.sum(pca.explained_variance_ratio_) > config.variance:
+            return pca
+        count *= 2
+    exact = "full" if len(rows) <= pixels.shape[1] else "covariance_eigh"
+    return PCA(svd_solver=exact, copy=False).fit(pixels[rows])
+
+
+def leading_part(pca: PCA, components: int) -> PCA:
+    """``pca`` cut to its first ``components`` components, its attributes as scikit-learn's truncated solvers set them.
+
+    The leading components of a randomized fit of more components are at least as accurate as a
+    fit of fewer: one fit serves both the variance curve and the basis.
+    """
+    cut = copy.deepcopy(pca)
+    total_variance = float(pca.explained_variance_[0] / pca.explained_variance_ratio_[0])
+    cut.n_components = cut.n_components_ = components
+    for name in ("components_", "explained_variance_", "explained_variance_ratio_", "singular_values_"):
+        setattr(cut, name, np.array(getattr(pca, name)[:components]))
+    rank = min(pca.n_samples_, pca.n_features_in_)
+    cut.noise_variance_ = (total_variance - float(np.sum(cut.explained_variance_))) / (rank - components) if components < rank else 0.0
+    return cut
 
 
 def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
     """Fit on the fit part only, so validation and held-out faces stay unseen."""
-    train_pixels = faces.flat[split.fit]
-    full = PCA(svd_solver="full").fit(train_pixels)
-    cumulative = np.cumsum(full.explained_variance_ratio_)
-    from_target, chosen = choose_n_components(cumulative, config)
-    pca = PCA(n_components=chosen, svd_solver="full").fit(train_pixels)
+    rank = min(len(split.fit), faces.flat.shape[1]) - 1  # centred data of n images has rank n - 1 at most
+    if len(split.fit) <= EXACT_PCA_MAX_FACES:
+        train_pixels = faces.flat[split.fit]
+        cumulative = np.cumsum(PCA(svd_solver="full").fit(train_pixels).explained_variance_ratio_)
+        from_target, chosen = choose_n_components(cumulative, config, rank)
+        pca = PCA(n_components=chosen, svd_solver="full").fit(train_pixels)
+    else:
+        leading = leading_components(faces.flat, split.fit, config)
+        cumulative = np.cumsum(leading.explained_variance_ratio_)
+        from_target, chosen = choose_n_components(cumulative, config, rank)
+        pca = leading_part(leading, chosen)
     coords = pca.transform(faces.flat).astype(np.float32)
     residual_squared = squared_residuals(pca, faces.flat)
     return FittedPCA(
@@ -60,12 +122,20 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
 
 
 def squared_residuals(pca: PCA, pixels: np.ndarray) -> np.ndarray:
-    """||x - reconstruction(x)||^2 per face, in float64: the part of each face the basis leaves out."""
-    pixels = np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)
+    """||x - reconstruction(x)||^2 per face, in float64: the part of each face the basis leaves out.
+
+    In blocks of ROWS_PER_BLOCK faces, so many faces never need several float64 copies of
+    themselves at once; up to ROWS_PER_BLOCK faces it is one block, computed as it always was.
+    """
+    pixels = np.asarray(pixels).reshape(len(pixels), -1)
     basis = np.asarray(pca.components_, dtype=np.float64)  # orthonormal rows
-    centred = pixels - np.asarray(pca.mean_, dtype=np.float64)
-    residual = centred - (centred @ basis.T) @ basis
-    return np.einsum("ij,ij->i", residual, residual)
+    mean = np.asarray(pca.mean_, dtype=np.float64)
+    squared = np.empty(len(pixels), dtype=np.float64)
+    for start in range(0, len(pixels), ROWS_PER_BLOCK):
+        centred = np.asarray(pixels[start : start + ROWS_PER_BLOCK], dtype=np.float64) - mean
+        residual = centred - (centred @ basis.T) @ basis
+        squared[start : start + ROWS_PER_BLOCK] = np.einsum("ij,ij->i", residual, residual)
+    return squared
 
 
 def residual_variance(fit_residual_squared: np.ndarray, residual_dim: int) -> float:

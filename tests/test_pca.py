@@ -33,3 +33,35 @@ def test_pca_is_fitted_on_the_fit_part_only(faces) -> None:
     np.testing.assert_allclose(load_estimator(fitted).mean_, faces.flat[split.fit].mean(0), atol=1e-6)
     # Coordinates of the fit faces are centred; unseen faces' are not exactly.
     assert np.abs(fitted.coords[split.fit].mean(0)).max() < 1e-3
+
+
+def test_the_leading_part_of_a_pca_is_the_pca_of_fewer_components(faces) -> None:
+    from tasks.pca import leading_part
+
+    pixels = faces.flat[:300]
+    cut = leading_part(PCA(svd_solver="full").fit(pixels), 20)
+    fitted = PCA(20, svd_solver="full").fit(pixels)
+    for name in ("components_", "explained_variance_", "explained_variance_ratio_", "singular_values_", "mean_"):
+        np.testing.assert_allclose(getattr(cut, name), getattr(fitted, name), rtol=1e-4, atol=1e-6)
+    assert cut.n_components_ == 20 and cut.noise_variance_ == pytest.approx(fitted.noise_variance_, rel=1e-4)
+    np.testing.assert_allclose(cut.transform(faces.flat[300:]), fitted.transform(faces.flat[300:]), atol=1e-4)
+
+
+def test_above_the_exact_limit_a_randomized_pca_keeps_the_same_count_and_nearly_the_same_basis(faces, monkeypatch) -> None:
+    """Past EXACT_PCA_MAX_FACES fit faces the leading components come from a randomized SVD."""
+    import tasks.pca as pca_module
+
+    split = split_indices(faces, DataConfig())
+    exact = fit_pca_on(faces, split, PCAConfig())
+    monkeypatch.setattr(pca_module, "EXACT_PCA_MAX_FACES", 100)
+    monkeypatch.setattr(pca_module, "RANDOMIZED_START_COMPONENTS", 64)  # 256 is past a quarter of 326 faces' rank
+    randomized = fit_pca_on(faces, split, PCAConfig())
+    assert len(randomized.cumulative_variance) == 64  # the leading components only: the target needs 62
+    assert randomized.n_components == exact.n_components == 64
+    assert abs(randomized.components_for_target - exact.components_for_target) <= 1
+    np.testing.assert_allclose(randomized.cumulative_variance, exact.cumulative_variance[:64], atol=2e-3)
+    # The same subspace: every exact component lies (almost) within the randomized ones.
+    exact_basis, randomized_basis = load_estimator(exact).components_, load_estimator(randomized).components_
+    kept = np.linalg.norm(exact_basis[:32] @ randomized_basis.T, axis=1)
+    assert kept.min() > 0.99
+    np.testing.assert_allclose(randomized.residual_variance, exact.residual_variance, rtol=1e-2)
