@@ -5,6 +5,8 @@ log p (of the pixels) adds the same probabilistic-PCA residual term (tasks.pca).
 a hyperparameter (the KDE's bandwidth, the mixture's component count) chooses it on the split's
 validation faces; a split without any (``validation_per_person`` 0) chooses it by
 cross-validation over the fit faces and refits on all of them. Held-out faces never choose.
+Beyond SAMPLE_ABOVE fit faces (not on the Olivetti version), the KDE's kernels, and the faces the
+mixture's count is chosen on, are a seeded sample of them: the cost then grows with the faces.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ from tasks.results import BaselineResult, Baselines, FittedPCA, Split
 # Kernel widths in whitened units (each component divided by its std on the fit faces). The
 # validation optimum on the default split is 0.70; the grid reaches well past it on both sides.
 KDE_BANDWIDTHS = tuple(round(0.30 + 0.05 * step, 2) for step in range(25))  # 0.30 .. 1.50
+# Above this many fit faces, a seeded random sample of this many stands in for them where the cost
+# would grow faster than the faces: the KDE's kernels (its cost is queries x kernels, so on every
+# fit face the square of the faces) and the faces the mixture's component count is chosen on
+# (20 counts x 5 folds of fits; the chosen count is then fitted on every fit face). Six times the
+# Olivetti version's 326 fit faces, which keep every one; with every one of 3,200 fit faces the
+# step took 14x its time on 326 (docs/benchmarks.md).
+SAMPLE_ABOVE = 2048
+# Queries per block of the KDE's distance matrix (float64, queries x kernels: 16 MB at 2,048 kernels).
+KDE_QUERY_BLOCK = 1024
+# Draws that sample; apart from the folds' and the mixture's random streams.
+_SAMPLE_STREAM = 2
 # Folds of the fit faces that stand in for validation faces when a split has none.
 SELECTION_FOLDS = 5
 
@@ -99,46 +112,100 @@ def diagonal_gaussian(fit: np.ndarray) -> FittedBaseline:
     return FittedBaseline("diagonal Gaussian", "per-component mean and variance", log_prob, None, time.perf_counter() - started)
 
 
-def kde_log_prob(x: np.ndarray, centres: np.ndarray, scale: np.ndarray, bandwidth: float) -> np.ndarray:
-    """Exact log-density at ``x`` of an equal-weight mixture of N(centre, diag((bandwidth * scale)**2)).
+def whitened_squared_distances(x: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(queries, centres) squared distances after dividing each component by ``scale``, in float64.
 
-    Float64 throughout, with a log-sum-exp over the centres: scikit-learn's KernelDensity on the
-    float32 coordinates gave wrong, non-monotone values here. The kernel's covariance carries the
+    From ||x||^2 - 2 x.c + ||c||^2, one matrix product: on whitened faces (squared norms about
+    the dimension) it agrees with the direct sum of squared differences to about 1e-13.
+    """
+    xs, cs = x / scale, centres / scale
+    squared = (xs**2).sum(1)[:, None] - 2.0 * (xs @ cs.T) + (cs**2).sum(1)[None, :]
+    return np.maximum(squared, 0.0)
+
+
+def kde_log_probs(x: np.ndarray, centres: np.ndarray, scale: np.ndarray, bandwidths: Sequence[float]) -> np.ndarray:
+    """(bandwidths, queries): the exact log-density at ``x`` of the KDE at each bandwidth.
+
+    The KDE is an equal-weight mixture of N(centre, diag((bandwidth * scale)**2)). Float64
+    throughout, with a log-sum-exp over the centres: scikit-learn's KernelDensity on the float32
+    coordinates gave wrong, non-monotone values here. The kernel's covariance carries the
     whitening, so this is a density of the coordinates themselves, whitening Jacobian included.
+    The distances do not depend on the bandwidth: computed once per block of queries, for all.
     """
     x, centres, scale = (np.asarray(a, dtype=np.float64) for a in (x, centres, scale))
-    width = bandwidth * scale
-    squared = (((x[:, None, :] - centres[None, :, :]) / width) ** 2).sum(-1)
-    log_norm = np.log(width).sum() + 0.5 * x.shape[1] * np.log(2 * np.pi)
-    return logsumexp(-0.5 * squared, axis=1) - np.log(len(centres)) - log_norm
+    log_norms = [np.log(bandwidth * scale).sum() + 0.5 * x.shape[1] * np.log(2 * np.pi) + np.log(len(centres))
+                 for bandwidth in bandwidths]
+    log_p = np.empty((len(bandwidths), len(x)), dtype=np.float64)
+    for start in range(0, len(x), KDE_QUERY_BLOCK):
+        squared = whitened_squared_distances(x[start : start + KDE_QUERY_BLOCK], centres, scale)
+        for row, (bandwidth, log_norm) in enumerate(zip(bandwidths, log_norms)):
+            log_p[row, start : start + KDE_QUERY_BLOCK] = logsumexp(-0.5 * squared / bandwidth**2, axis=1) - log_norm
+    return log_p
+
+
+def kde_log_prob(x: np.ndarray, centres: np.ndarray, scale: np.ndarray, bandwidth: float) -> np.ndarray:
+    """Exact log-density at ``x`` of the KDE with kernels on ``centres`` at one bandwidth (kde_log_probs)."""
+    return kde_log_probs(x, centres, scale, [bandwidth])[0]
+
+
+def fit_sample(fit: np.ndarray, seed: int) -> np.ndarray:
+    """Every fit face up to SAMPLE_ABOVE of them, else a seeded random sample of SAMPLE_ABOVE, in fit order."""
+    if len(fit) <= SAMPLE_ABOVE:
+        return fit
+    chosen = np.random.default_rng((seed, _SAMPLE_STREAM)).choice(len(fit), SAMPLE_ABOVE, replace=False)
+    return fit[np.sort(chosen)]
+
+
+def _sample_note(sample: np.ndarray, fit: np.ndarray, what: str) -> str:
+    return f"; {what} {len(sample):,} of the {len(fit):,} fit faces, drawn at random" if len(sample) < len(fit) else ""
 
 
 def gaussian_kde(fit: np.ndarray, validation: np.ndarray, seed: int, bandwidths: Sequence[float] = KDE_BANDWIDTHS) -> FittedBaseline:
-    """Gaussian kernels on every fit face in per-component-whitened coordinates; bandwidth on validation."""
+    """Gaussian kernels on the fit faces (a sample of SAMPLE_ABOVE beyond that) in per-component-whitened coordinates.
+
+    The bandwidth is chosen on the validation faces; without any, on SELECTION_FOLDS folds of the
+    kernels' faces in turn, each scored by a KDE on the rest (as ``choose_on_validation`` does).
+    """
     started = time.perf_counter()
-
-    def fit_kde(centres: np.ndarray, bandwidth: float) -> LogProb:
-        scale = centres.std(0)
-        return lambda x: kde_log_prob(x, centres, scale, bandwidth)
-
-    bandwidth, log_prob, score = choose_on_validation(fit, validation, bandwidths, fit_kde, seed)
+    kernels = fit_sample(fit, seed)
+    if len(validation):
+        scores = kde_log_probs(validation, kernels, kernels.std(0), bandwidths).mean(1)
+    else:
+        scored = []
+        for fold in selection_folds(len(kernels), seed):
+            rest = np.delete(kernels, fold, axis=0)
+            scored.append(kde_log_probs(kernels[fold], rest, rest.std(0), bandwidths))
+        scores = np.concatenate(scored, axis=1).mean(1)
+    best = int(np.argmax(scores))
+    bandwidth, scale = bandwidths[best], kernels.std(0)
     return FittedBaseline(
-        "Gaussian KDE", f"bandwidth {bandwidth:.2f} (whitened units) of {bandwidths[0]:.2f}..{bandwidths[-1]:.2f}",
-        log_prob, score, time.perf_counter() - started,
+        "Gaussian KDE",
+        f"bandwidth {bandwidth:.2f} (whitened units) of {bandwidths[0]:.2f}..{bandwidths[-1]:.2f}"
+        + _sample_note(kernels, fit, "kernels on"),
+        lambda x: kde_log_prob(x, kernels, scale, bandwidth), float(scores[best]), time.perf_counter() - started,
     )
 
 
 def diagonal_mixture(fit: np.ndarray, validation: np.ndarray, max_components: int, seed: int) -> FittedBaseline:
-    """Diagonal-covariance GaussianMixture; the component count that scores best on validation."""
+    """Diagonal-covariance GaussianMixture; the component count that scores best on validation.
+
+    The count is chosen on a sample of the fit faces beyond SAMPLE_ABOVE of them (fit_sample),
+    then that count is fitted on every fit face.
+    """
     started = time.perf_counter()
 
     def fit_mixture(data: np.ndarray, components: int) -> LogProb:
         return GaussianMixture(components, covariance_type="diag", random_state=seed).fit(data).score_samples
 
-    components, log_prob, score = choose_on_validation(fit, validation, list(range(1, max_components + 1)), fit_mixture, seed)
+    chooser = fit_sample(fit, seed)
+    components, log_prob, score = choose_on_validation(chooser, validation, list(range(1, max_components + 1)), fit_mixture, seed)
+    if len(chooser) < len(fit):
+        log_prob = fit_mixture(fit, components)
+        score = float(log_prob(validation).mean()) if len(validation) else score
     return FittedBaseline(
-        "GaussianMixture", f"diagonal, {components} of 1..{max_components} components", log_prob, score,
-        time.perf_counter() - started,
+        "GaussianMixture",
+        f"diagonal, {components} of 1..{max_components} components" + _sample_note(chooser, fit, "chosen on"),
+        log_prob, score, time.perf_counter() - started,
     )
 
 

@@ -79,3 +79,40 @@ def test_real_split_with_validation_faces_kde_and_mixture(faces) -> None:
     assert results["Gaussian KDE"].heldout_log_prob == pytest.approx(-45.17, abs=0.01)
     assert results["Gaussian KDE"].heldout_log_prob > results["GaussianMixture"].heldout_log_prob
     assert results["GaussianMixture"].heldout_log_prob > results["diagonal Gaussian"].heldout_log_prob
+
+
+def test_kde_scores_every_bandwidth_as_the_direct_sum_would_in_blocks_of_queries(monkeypatch) -> None:
+    """One distance matrix per block serves every bandwidth; blocks change nothing but memory."""
+    import tasks.baselines as baselines
+
+    rng = np.random.default_rng(3)
+    centres, queries, scale = rng.normal(size=(40, 5)), rng.normal(size=(25, 5)), rng.uniform(0.5, 2.0, size=5)
+    bandwidths = [0.4, 0.8, 1.2]
+    direct = [
+        np.log(np.mean([multivariate_normal(c, np.diag((b * scale) ** 2)).pdf(queries) for c in centres], axis=0))
+        for b in bandwidths
+    ]
+    monkeypatch.setattr(baselines, "KDE_QUERY_BLOCK", 7)
+    np.testing.assert_allclose(baselines.kde_log_probs(queries, centres, scale, bandwidths), direct, rtol=1e-10)
+
+
+def test_beyond_the_sample_size_the_kde_kernels_and_the_mixture_choice_use_a_seeded_sample(monkeypatch) -> None:
+    """Above SAMPLE_ABOVE fit faces: the KDE is the KDE of a seeded sample; the mixture chooses on it and fits on all."""
+    import tasks.baselines as baselines
+
+    monkeypatch.setattr(baselines, "SAMPLE_ABOVE", 40)
+    fit, validation, heldout = _clusters(30, 0), _clusters(10, 1), _clusters(5, 2)
+    sample = baselines.fit_sample(fit, seed=0)
+    assert len(sample) == 40 and np.array_equal(sample, baselines.fit_sample(fit, seed=0))
+    assert {tuple(row) for row in sample} <= {tuple(row) for row in fit}
+    kde = gaussian_kde(fit, validation, seed=0)
+    assert "kernels on 40 of the 90 fit faces" in kde.detail
+    bandwidth = float(kde.detail.split()[1])
+    np.testing.assert_array_equal(kde.log_prob(heldout), kde_log_prob(heldout, sample, sample.std(0), bandwidth))
+    mixture = diagonal_mixture(fit, validation, max_components=6, seed=0)
+    assert "3 of 1..6" in mixture.detail and "chosen on 40 of the 90 fit faces" in mixture.detail
+    from sklearn.mixture import GaussianMixture
+
+    on_all = GaussianMixture(3, covariance_type="diag", random_state=0).fit(fit)
+    np.testing.assert_allclose(mixture.log_prob(heldout), on_all.score_samples(heldout))
+    assert mixture.validation_log_prob == pytest.approx(on_all.score_samples(validation).mean())
