@@ -203,7 +203,9 @@ class GeneratedFaces:
     images: np.ndarray  # (n, 64, 64) in [0, 1]
     nearest_train_index: np.ndarray  # (n,) index into the 400 faces
     nearest_train_distance: np.ndarray  # (n,) RMS pixel distance to the training faces' PCA reconstructions
-    heldout_nearest_train_distance: np.ndarray  # (n_heldout,) the same, for the held-out faces' reconstructions
+    # (n_heldout,) the same, for the held-out faces' reconstructions; beyond 512 held-out faces, for a
+    # seeded sample of 512 (tasks.generate.heldout_distance_faces)
+    heldout_nearest_train_distance: np.ndarray
 
 
 @dataclass(frozen=True)

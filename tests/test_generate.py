@@ -54,3 +54,34 @@ def test_memorisation_distances_compare_pca_reconstructions_on_both_sides(faces)
     # A sample's distance is to the nearest training face's reconstruction.
     _, expected = nearest_rms_distance(samples.images, to_images(copied, coords[np.concatenate([split.fit, split.validation])]))
     np.testing.assert_allclose(samples.nearest_train_distance, expected)
+
+
+def test_blocks_change_nothing_but_memory(faces, monkeypatch) -> None:
+    """Reconstructions and nearest faces made a few faces at a time equal those made all at once."""
+    import tasks.generate as generate
+    from faceflow.config import DataConfig, PCAConfig
+    from tasks.data import split_indices
+    from tasks.pca import fit_pca_on
+
+    split = split_indices(faces, DataConfig())
+    pca = fit_pca_on(faces, split, PCAConfig(n_components=16))
+    whole = generate.to_images(pca, pca.coords[:50])
+    queries, references = faces.images[:30], faces.images[100:220]
+    index, distance = generate.nearest_rms_distance(queries, references)
+    monkeypatch.setattr(generate, "FACES_PER_BLOCK", 7)
+    np.testing.assert_allclose(generate.to_images(pca, pca.coords[:50]), whole, atol=1e-6)
+    blocks = [references[start : start + 7] for start in range(0, len(references), 7)]
+    blocked_index, blocked_distance = generate.nearest_among_blocks(queries, blocks)
+    np.testing.assert_array_equal(blocked_index, index)
+    np.testing.assert_allclose(blocked_distance, distance, rtol=1e-9)
+
+
+def test_beyond_the_limit_held_out_distances_are_of_a_seeded_sample(monkeypatch) -> None:
+    import tasks.generate as generate
+
+    monkeypatch.setattr(generate, "HELDOUT_DISTANCE_FACES", 10)
+    heldout = np.arange(100, 180)
+    chosen = generate.heldout_distance_faces(heldout, seed=0)
+    assert len(chosen) == 10 and set(chosen) <= set(heldout) and np.all(np.diff(chosen) > 0)
+    np.testing.assert_array_equal(chosen, generate.heldout_distance_faces(heldout, seed=0))
+    np.testing.assert_array_equal(generate.heldout_distance_faces(heldout[:10], seed=0), heldout[:10])
