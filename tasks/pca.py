@@ -89,7 +89,8 @@ def leading_part(pca: PCA, components: int) -> PCA:
     for name in ("components_", "explained_variance_", "explained_variance_ratio_", "singular_values_"):
         setattr(cut, name, np.array(getattr(pca, name)[:components]))
     rank = min(pca.n_samples_, pca.n_features_in_)
-    cut.noise_variance_ = (total_variance - float(np.sum(cut.explained_variance_))) / (rank - components) if components < rank else 0.0
+    kept_variance = float(np.sum(cut.explained_variance_))
+    cut.noise_variance_ = (total_variance - kept_variance) / (rank - components) if components < rank else 0.0
     return cut
 
 
