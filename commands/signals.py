@@ -2,50 +2,27 @@
 
 SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt, in the main thread, so every
 ``with`` and ``finally`` runs: the flow run is marked Crashed and the server the command
-started is stopped. The default actions would kill the process without either.
-
-An exception raised while the main thread is inside Python's import machinery can leave one
-of its locks held: ``importlib._bootstrap`` takes the global import lock and module locks
-outside any ``try``. Every other thread's next import then waits forever, and Prefect's task
-runner waits for those threads before the flow can end: a `faceflow run` sent SIGTERM while
-its training imported torch, as the new-people models' thread imported scipy, hung for good
-(`make bench`, 2026-11-25). So a signal that arrives during an import is taken again once the
-import is done: a delay of the length of an import, a second at most here.
+started is stopped. The default actions would kill the process without either. A signal that
+arrives during an import is taken again once the import is done (faceflow.interrupts): a
+`faceflow run` sent SIGTERM while its training imported torch, as the new-people models' thread
+imported scipy, hung for good (`make bench`, 2026-11-25).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 from types import FrameType
 
-RETRY_SECONDS = 0.05
+from faceflow.interrupts import deferring
 
 
-def importing(frame: FrameType | None) -> bool:
-    """Whether ``frame`` or any frame below it runs Python's import machinery."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _take_again_later(signum: int) -> None:
-    timer = threading.Timer(RETRY_SECONDS, os.kill, (os.getpid(), signum))
-    timer.daemon = True
-    timer.start()
-
-
-def stop(signum: int, frame: FrameType | None) -> None:
-    """The handler: unwind the main thread, unless it is importing (then later)."""
-    if importing(frame):
-        _take_again_later(signum)
-        return
+def _unwind(signum: int, frame: FrameType | None) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+stop = deferring(_unwind)  # the handler: unwind the main thread, unless it is importing (then later)
 
 
 def install() -> None:

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, tags
 from artifacts.publish import publish_table
 from artifacts.run_folder import check_output_folder, run_folder_problems
 from faceflow.caching import version_tag
+from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
 from faceflow.keys import content_key, project_source_digest
 from faceflow.threads import limited_threads
@@ -53,6 +54,7 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
 @flow(name="faceflow", persist_result=True)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
     """Learn a RealNVP on PCA-reduced faces of a face store version, then sample, score, interpolate and report."""
+    defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     device = resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     check_output_folder(config.output_dir)

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from artifacts.publish import publish_markdown
 from artifacts.rankings import leaderboard_markdown
+from faceflow.interrupts import defer_during_imports
 from faceflow.config import DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.settings import faces_dir, models_dir
@@ -62,6 +63,7 @@ def faceflow_retrain(
     ] = 0.5,
 ) -> RetrainResult:
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
+    defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
     return challenge(config, promotion_margin, seed_for(scheduled), source=f"scheduled {scheduled.isoformat(timespec='seconds')}")
 

@@ -24,6 +24,7 @@ from pydantic import Field
 from artifacts.publish import publish_markdown, start_progress, update_progress
 from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached, version_tag
+from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
@@ -182,6 +183,7 @@ def faces_sweep(
     ] = 0.5,
 ) -> SweepResult:
     """Train and score every configuration of ``spec`` on Dask; rank them by validation log p."""
+    defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     logger = get_run_logger()
     configs = expand(spec)
     steps = _Executions()

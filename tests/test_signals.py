@@ -72,3 +72,41 @@ def test_a_signal_outside_an_import_is_taken_at_once(tmp_path: Path) -> None:
         process.kill()
     assert process.returncode == 143
     assert time.monotonic() - sent < 5  # not held back (the program would sleep 60 s)
+
+
+# A flow run's process (a worker's): Prefect's own handler is there; faceflow's flows wrap it.
+FLOW_PROCESS = textwrap.dedent("""
+    import signal, sys, time
+    sys.path[:0] = [{repo!r}, {modules!r}]
+
+    class Stopped(BaseException):
+        pass
+
+    def engines_handler(signum, frame):  # stands in for Prefect's: raises in the main thread
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, engines_handler)
+    from faceflow.interrupts import defer_during_imports
+    defer_during_imports()
+    try:
+        import slow_module
+        time.sleep(60)
+    except Stopped:
+        print("stopped by the engine's handler after the import", flush=True)
+""")
+
+
+def test_a_flow_run_process_takes_its_engines_signal_after_the_import(tmp_path: Path) -> None:
+    """Raised inside matplotlib's class bodies, the engine's exception came out as a RuntimeError: the run ended Failed."""
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE.format(marker=str(marker)))
+    program = FLOW_PROCESS.format(repo=str(REPO_ROOT), modules=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "importing"
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert marker.exists() and "slow_module" not in stderr, stderr[-2000:]
+    assert stdout.strip() == "stopped by the engine's handler after the import"
