@@ -215,25 +215,42 @@ def ui(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrated_home:
         kill_tagged(tag)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, tmp_path: Path, data_file: Path, ui: RunningUI) -> None:
-    """As the UI's Run form sends it: the server refuses what the flow's schema forbids; the rest fails in the worker's run."""
+@pytest.fixture(scope="module")
+def deployment_runs(ui: RunningUI, tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict[str, tuple]:
+    """Every case's deployment run, all created at once as the UI's Run button does: the worker runs them side by side.
+
+    Case -> (its folder, what the message must name, the flow run id or the server's refusal).
+    One after another, each waited for the worker's next poll and a process of its own: 3 minutes.
+    """
     from prefect.exceptions import PrefectHTTPStatusError
 
-    values, named = all_cases(tmp_path, data_file)[case]
-    outputs = tmp_path / "outputs"
-    try:
-        flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": {"output_dir": str(outputs)} | values})
-    except PrefectHTTPStatusError as refused:
-        assert refused.response.status_code in (409, 422) and named.rsplit(".", 1)[-1] in refused.response.text, refused.response.text
-        return
-    assert wait_for_state(ui.api_url, flow_run_id, {"Failed"}, timeout=300) == "Failed"
-    with client(ui.api_url) as prefect:
-        message = prefect.read_flow_run(flow_run_id).state.message
-    assert named in message, message
-    assert not outputs.exists() or not any(outputs.iterdir())
-    assert_refused_before_any_work(case, ui.api_url, flow_run_id)
+    runs = {}
+    for case in CASE_NAMES:
+        folder = tmp_path_factory.mktemp("deployment-case")
+        values, named = all_cases(folder, data_file)[case]
+        try:
+            created = run_deployment(ui.api_url, "on-demand", {"config": {"output_dir": str(folder / "outputs")} | values})
+        except PrefectHTTPStatusError as refused:
+            created = refused
+        runs[case] = (folder, named, created)
+    return runs
 
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, deployment_runs: dict, ui: RunningUI) -> None:
+    """As the UI's Run form sends it: the server refuses what the flow's schema forbids; the rest fails in the worker's run."""
+    folder, named, created = deployment_runs[case]
+    if isinstance(created, Exception):  # the server refused the form
+        response = created.response
+        assert response.status_code in (409, 422) and named.rsplit(".", 1)[-1] in response.text, response.text
+        return
+    assert wait_for_state(ui.api_url, created, {"Failed"}, timeout=300) == "Failed"
+    with client(ui.api_url) as prefect:
+        message = prefect.read_flow_run(created).state.message
+    assert named in message, message
+    outputs = folder / "outputs"
+    assert not outputs.exists() or not any(outputs.iterdir())
+    assert_refused_before_any_work(case, ui.api_url, created)
 
 def _store_files() -> dict[str, bytes]:
     from faceflow.settings import faces_dir
