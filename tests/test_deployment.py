@@ -15,7 +15,7 @@ def test_every_deployment_entrypoint_loads_its_flow() -> None:
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
     flows = {d["name"]: load_flow_from_entrypoint(str(REPO_ROOT / d["entrypoint"])).name for d in spec["deployments"]}
     assert flows == {"on-demand": "faceflow", "weekly-retrain": "faceflow-retrain", "sweep": "faces-sweep", "ingest": "faceflow-ingest",
-                     "forget": "faceflow-forget"}
+                     "forget": "faceflow-forget", "rollback": "faceflow-rollback"}
 
 
 def test_the_weekly_retraining_schedule_is_active() -> None:

@@ -80,7 +80,7 @@ def test_make_ui_runs_a_deployment_on_postgresql(tmp_path: Path, data_file: Path
     flow_run_id = run_deployment(ui.api_url, "on-demand", {"config": config})
     assert wait_for_state(ui.api_url, flow_run_id, {"Completed"}, timeout=600) == "Completed"
     assert cluster.query(f"select state_name from flow_run where id = '{flow_run_id}'") == "Completed"
-    assert cluster.query("select count(*) from deployment") == "5"
+    assert cluster.query("select count(*) from deployment") == "6"
     assert not (ui.home / "prefect.db").exists()  # nothing went to SQLite
     ui.ctrl_c()
     assert_no_process_left(tag)

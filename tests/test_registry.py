@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
 from support import faceflow
@@ -49,6 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path):
     with local_server(copy_home(migrated_home, root / "home"), timeout=300) as running, \
             temporary_settings({PREFECT_API_URL: running.api_url}):
         yield running
+        flush_to_api()  # the rollback flow's logs reach the server before it stops
 
 
 @pytest.fixture
@@ -138,3 +140,17 @@ def test_rollback_makes_the_previous_champion_current_and_history_lists_both(tmp
     again = cli("champion", "rollback", "--to", "champion-a", models=models, api_url=server.api_url)
     assert again.returncode == 2 and "is the champion already" in again.stderr
     assert champion_path(models).is_symlink()
+
+
+def test_the_rollback_deployments_flow_rolls_back_and_names_its_run(tmp_path: Path, server, alias, monkeypatch) -> None:
+    from flows.rollback import faceflow_rollback
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("FACEFLOW_MODELS_DIR", str(models))
+    first, second = run_folder(tmp_path, "a"), run_folder(tmp_path, "b")
+    promote(first, record(first, 1, -10.0), row(first, 1), models, alias)
+    promote(second, record(second, 2, -5.0), row(second, 2), models, alias)
+    done = faceflow_rollback(reason="from the UI", to="champion-a")
+    assert done["run_folder"] == str(first) == read_champion(models).run_folder and alias.get() == read_champion(models).to_json()
+    last = leaderboard(models)[-1]
+    assert last["challenger"].startswith("rollback by deployment run ") and last["why"].endswith(": from the UI")

@@ -42,7 +42,7 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
                    FACEFLOW_MODELS_DIR=str(tmp_path / "models"))
     assert is_healthy(ui.api_url)
     with client(ui.api_url) as prefect:
-        assert sorted(d.name for d in prefect.read_deployments()) == ["forget", "ingest", "on-demand", "sweep", "weekly-retrain"]
+        assert sorted(d.name for d in prefect.read_deployments()) == ["forget", "ingest", "on-demand", "rollback", "sweep", "weekly-retrain"]
         assert [w.status for w in prefect.read_workers_for_work_pool("faceflow-local")] == ["ONLINE"]
     record = json.loads((ui.home / SERVER_RECORD).read_text())
     assert record["api_url"] == ui.api_url

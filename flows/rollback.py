@@ -1,0 +1,33 @@
+"""Roll back the champion from the UI: an earlier champion becomes current, the leaderboard says who and why."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from artifacts.publish import publish_markdown
+from artifacts.rankings import leaderboard_markdown
+from faceflow.settings import faces_dir, models_dir
+from tasks.forgetting import stale_reason
+from tasks.registry import leaderboard, rollback
+from tasks.steps import ChampionVariable
+from tasks.store import FaceStore
+
+
+@flow(name="faceflow-rollback")
+def faceflow_rollback(
+    reason: Annotated[str, Field(min_length=1, description="Why: recorded on the leaderboard.")],
+    to: Annotated[str | None, Field(description="The champion to make current: its folder name (or a prefix), or its "
+                                                "flow run id; empty for the one promoted before the current one.")] = None,
+) -> dict[str, Any]:
+    """Make an earlier champion current again (`faceflow champion --history` lists them), as one registry transaction."""
+    store = FaceStore(faces_dir())
+    chosen = rollback(models_dir(), ChampionVariable(), to or None, f"deployment run {flow_run.name or 'in-process'}", reason,
+                      stale=lambda record: stale_reason(store, record.faces_version))
+    publish_markdown("faceflow-leaderboard", leaderboard_markdown(leaderboard(models_dir())),
+                     "Every challenger, newest first: its log p, promoted or not, and why")
+    get_run_logger().info(f"champion: {chosen.folder} (from {chosen.record.run_folder})")
+    return {"folder": chosen.folder} | chosen.record.to_json()
