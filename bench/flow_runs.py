@@ -152,7 +152,7 @@ def lab_script(data_file: Path) -> dict:
     return json.loads(stdout.strip().splitlines()[-1]) | {"wall_seconds": wall, "peak_rss_bytes": peak}
 
 
-def _tagged(tag: str) -> list[psutil.Process]:
+def tagged_processes(tag: str) -> list[psutil.Process]:
     """Live processes carrying ``tag`` in their environment: whatever a command started inherits it."""
     found = []
     for process in psutil.process_iter():
@@ -201,7 +201,7 @@ def orphans_after_runs(workdir: Path, data_file: Path, rounds: int = 5) -> dict:
                 end(process, stderr)
             exit_codes[kind].append(process.wait(timeout=600))
     deadline = time.monotonic() + 30
-    while (left := _tagged(tag)) and time.monotonic() < deadline:
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for process in left:
         process.kill()

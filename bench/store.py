@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.flow_runs import REPO_ROOT, cli_env, prepare_database, run_and_watch
+from bench.flow_runs import REPO_ROOT, cli_env, prepare_database, run_and_watch, tagged_processes
 from commands.server import api_url_for, free_port, local_server
 from faceflow.threads import limited_threads
 from tasks.olivetti import OLIVETTI_IMAGES_PER_PERSON
@@ -327,17 +327,6 @@ def cold_table(runs: dict[int, dict[str, object]]) -> list[dict[str, object]]:
     return rows
 
 
-def _tagged(tag: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(TAG_VARIABLE) == tag and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def _wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while text not in path.read_text(errors="replace"):
@@ -408,7 +397,7 @@ def event_latency(scratch: Path, data_file: Path, migrated: Path) -> dict[str, o
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
             ui.wait()
-        left = _tagged(tag)  # none, when faceflow ui stopped everything it started
+        left = tagged_processes(tag)  # none, when faceflow ui stopped everything it started
         for process in left:
             process.terminate()
         for process in psutil.wait_procs(left, timeout=30)[1]:
