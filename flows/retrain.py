@@ -81,7 +81,7 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
     if state.is_failed() or state.is_crashed():
         row = _leaderboard_row(source, seed, None, f"challenger failed: {state.message}")
-        _publish_leaderboard(append_leaderboard(models, row), row["why"])
+        publish_leaderboard(append_leaderboard(models, row), row["why"])
         state.result()  # raises: a failed challenger fails the run that offered it
     challenger: PipelineResult = state.result()
     row = _leaderboard_row(source, seed, challenger, None)
@@ -118,15 +118,15 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
         )
         promote_champion(challenger.report.folder, record, row, models)  # folder, link, Variable, row: one transaction
         champion = record
-        _publish_leaderboard(leaderboard(models), decision.reason)
+        publish_leaderboard(leaderboard(models), decision.reason)
     else:
-        _publish_leaderboard(append_leaderboard(models, row), decision.reason)
+        publish_leaderboard(append_leaderboard(models, row), decision.reason)
     get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
     return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)
 
 
-def _publish_leaderboard(rows: list[dict[str, object]], reason: str) -> None:
-    """The leaderboard (every challenger, newest first) and this run's decision, as artifacts."""
+def publish_leaderboard(rows: list[dict[str, object]], reason: str) -> None:
+    """The leaderboard (every challenger, newest first) and this run's decision (or rollback), as artifacts."""
     # Markdown, not a table artifact: a table with the free text (challenger, why, run folder)
     # ran past the UI's artifact panel; the text goes in a list below a table of numbers.
     publish_markdown("faceflow-leaderboard", leaderboard_markdown(rows),

@@ -8,9 +8,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from artifacts.publish import publish_markdown
-from artifacts.rankings import leaderboard_markdown
 from faceflow.settings import faces_dir, models_dir
+from flows.retrain import publish_leaderboard
 from tasks.forgetting import stale_reason
 from tasks.registry import leaderboard, rollback
 from tasks.steps import ChampionVariable
@@ -27,7 +26,7 @@ def faceflow_rollback(
     store = FaceStore(faces_dir())
     chosen = rollback(models_dir(), ChampionVariable(), to or None, f"deployment run {flow_run.name or 'in-process'}", reason,
                       stale=lambda record: stale_reason(store, record.faces_version))
-    publish_markdown("faceflow-leaderboard", leaderboard_markdown(leaderboard(models_dir())),
-                     "Every challenger, newest first: its log p, promoted or not, and why")
+    rows = leaderboard(models_dir())
+    publish_leaderboard(rows, rows[-1]["why"])  # the leaderboard, and the rollback's row as this run's decision
     get_run_logger().info(f"champion: {chosen.folder} (from {chosen.record.run_folder})")
     return {"folder": chosen.folder} | chosen.record.to_json()

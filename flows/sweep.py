@@ -164,8 +164,9 @@ def _rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"rank": rank} | row for rank, row in enumerate(ranked, start=1)]
 
 
-def _train_and_score(item: _Configuration, arguments: tuple, device: str, steps: _Executions) -> None:
+def _train_and_score(item: _Configuration, device: str, steps: _Executions) -> None:
     """Read a cached configuration here (no cluster for a stored result); else submit it to the cluster."""
+    arguments = (item.batches, item.config.train, item.config.seed, device)
     if is_cached(train_realnvp, batches=item.batches, config=item.config.train, seed=item.config.seed, device=device):
         item.trained = steps.run(train_realnvp, *arguments)  # read here: no cluster for a cached result
         item.score = steps.run(score_model, item.trained, item.pca, item.split)
@@ -190,10 +191,8 @@ def faces_sweep(
     prepared = _shared_upstream(configs, steps)
     progress = start_progress("faceflow-sweep-progress", f"Configurations done, of {len(prepared)}")
     for item in prepared:
-        device = resolve_device(item.config.train.device)
-        arguments = (item.batches, item.config.train, item.config.seed, device)
         with tags(version_tag(item.version)):
-            _train_and_score(item, arguments, device, steps)
+            _train_and_score(item, resolve_device(item.config.train.device), steps)
     pending = [item.score for item in prepared if isinstance(item.score, PrefectFuture)]
     rows = []
     for done, item in enumerate(_as_they_finish(prepared, pending), start=1):

@@ -188,8 +188,10 @@ def check(models: Path, alias: Alias, repair: bool = True) -> list[str]:
                     journal.unlink()
         for partial in sorted(models.glob(".*.partial")):
             found.append(f"{partial.name}: staging left by a killed writer" + (", deleted" if repair else ""))
-            if repair:
-                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+            if repair and partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            elif repair:
+                partial.unlink(missing_ok=True)
         current = read_champion(models)
         if current is not None and not any(r.get("promoted") and r.get("run folder") == current.run_folder
                                            for r in leaderboard(models)):

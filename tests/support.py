@@ -90,6 +90,11 @@ def kill_tagged(tag: str) -> None:
             pass
 
 
+def store_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of a face store and its bytes, the lock file aside (it is empty and always there)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
 def write_png(path: Path, image) -> "np.ndarray":
     """Save a [0, 1] image as an 8-bit PNG; returns what reading it back gives (the levels, / 255)."""
     import numpy as np

@@ -20,9 +20,11 @@ import scipy.io
 
 from commands.cli import config_fields, option_name
 from commands.server import local_server
+from faceflow.settings import faces_dir
 from conftest import copy_home
 from support import (
-    RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, tagged_env, wait_for_state,
+    RunningUI, assert_no_process_left, client, faceflow, kill_tagged, new_tag, run_deployment, store_snapshot, tagged_env,
+    wait_for_state,
 )
 
 
@@ -252,13 +254,6 @@ def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, depl
     assert not outputs.exists() or not any(outputs.iterdir())
     assert_refused_before_any_work(case, ui.api_url, created)
 
-def _store_files() -> dict[str, bytes]:
-    from faceflow.settings import faces_dir
-
-    root = faces_dir()
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
 # The ingest and forget deployments' forms, as the UI sends them: (deployment, flow, parameters, what the error names).
 STORE_CASES = {
     "ingest of a missing folder": ("ingest", "faceflow-ingest", lambda tmp: {"path": str(tmp / "absent")}, "absent"),
@@ -278,7 +273,7 @@ def test_ingest_and_forget_deployments_refuse_bad_input_naming_it_and_leave_the_
     from prefect.exceptions import PrefectHTTPStatusError
 
     deployment, flow, parameters, named = STORE_CASES[case]
-    before = _store_files()
+    before = store_snapshot(faces_dir())
     try:
         flow_run_id = run_deployment(ui.api_url, deployment, parameters(tmp_path), flow=flow)
     except PrefectHTTPStatusError as refused:  # the form's schema: the server refuses it before any run
@@ -288,4 +283,4 @@ def test_ingest_and_forget_deployments_refuse_bad_input_naming_it_and_leave_the_
         with client(ui.api_url) as prefect:
             message = prefect.read_flow_run(flow_run_id).state.message
         assert named in message, message
-    assert _store_files() == before
+    assert store_snapshot(faces_dir()) == before

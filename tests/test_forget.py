@@ -14,7 +14,7 @@ from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
 from faceflow.config import DataConfig
-from support import client, faceflow
+from support import client, faceflow, store_snapshot
 from tasks.data import FaceLabels, split_indices
 from tasks.store import FaceStore, StoreError
 
@@ -25,10 +25,6 @@ def olivetti_store(root: Path, faces) -> FaceStore:
     store = FaceStore(root)
     store.add(faces.images, [f"olivetti-{t:02d}" for t in faces.target], [f"olivetti[{i}]" for i in range(len(faces.target))])
     return store
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def files_holding(root: Path, pixels: np.ndarray) -> list[Path]:
@@ -75,17 +71,17 @@ def test_forgetting_someone_not_there_or_everyone_is_refused_and_the_store_uncha
     from tasks.forgetting import forget_person
 
     store = olivetti_store(tmp_path / "faces", faces)
-    before = snapshot(store.root)
+    before = store_snapshot(store.root)
     with pytest.raises(StoreError, match=r"person 'nobody' is not in faces version 1 \(.*\); it holds olivetti-00"):
         store.forget("nobody")
     with pytest.raises(StoreError, match="'../x' is not a valid name"):
         store.forget("../x")
-    assert snapshot(store.root) == before
+    assert store_snapshot(store.root) == before
     store.forget(FORGOTTEN)
-    again = snapshot(store.root)
+    again = store_snapshot(store.root)
     with pytest.raises(StoreError, match=rf"person '{FORGOTTEN}' was forgotten in faces version 2 already; --purge"):
         forget_person(FORGOTTEN, False, store, [], tmp_path / "m", tmp_path / "r", tmp_path / "l", tmp_path / "i")
-    assert snapshot(store.root) == again
+    assert store_snapshot(store.root) == again
     alone = FaceStore(tmp_path / "alone")
     alone.add(faces.images[:10], ["solo"] * 10, [f"s{i}" for i in range(10)])
     with pytest.raises(StoreError, match="'solo' is everyone in faces version 1"):
@@ -120,7 +116,7 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
         home = copy_home(migrated_home, root / "home")
         env = dict(os.environ)  # this session's PREFECT_HOME: where the flows run here store their results
         with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
-            found: dict = {"root": root, "home": home, "env": env, "api_url": server.api_url, "results": []}
+            found: dict = {"root": root, "results": []}
 
             def retrain(epochs: int, margin: float):
                 trained = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})

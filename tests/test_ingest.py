@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support import write_png
+from support import store_snapshot, write_png
 from tasks.store import FaceStore, image_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +24,6 @@ def faceflow(*arguments: str, store: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "commands.cli", *arguments], env=environment, capture_output=True, text=True, timeout=120
     )
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture
@@ -48,7 +44,7 @@ def test_people_held_back_from_version_1_arrive_as_png_folders_in_version_2(tmp_
             read_back = write_png(tmp_path / "new" / f"olivetti-{person:02d}" / f"{k}.png", faces.images[index])
             expected[image_id(read_back)] = f"olivetti-{person:02d}"
     first = FaceStore(store).latest()
-    first_files = snapshot(store / "versions" / first.id)
+    first_files = store_snapshot(store / "versions" / first.id)
 
     done = faceflow("ingest", str(tmp_path / "new"), "--json", store=store)
     assert done.returncode == 0, done.stderr
@@ -60,7 +56,7 @@ def test_people_held_back_from_version_1_arrive_as_png_folders_in_version_2(tmp_
     arrived = {i: p for i, p, n in zip(read.image_ids, read.people, read.added_in) if n == 2}
     assert arrived == expected  # ids are the sha256 of the decoded pixels, people the folder names
     assert read.image_ids[:360] == FaceStore(store).read(first).image_ids  # the old images keep their place
-    assert snapshot(store / "versions" / first.id) == first_files
+    assert store_snapshot(store / "versions" / first.id) == first_files
 
     again = faceflow("ingest", str(tmp_path / "new"), store=store)  # exact duplicates: skipped, counted, no version
     assert again.returncode == 0 and "nothing new: all 40 images are already in version 2" in again.stdout
@@ -75,10 +71,10 @@ def test_colour_and_other_sizes_are_converted_and_said_per_file_or_refused_with_
     (tmp_path / "in" / "ann").mkdir(parents=True)
     Image.fromarray((rng.random((112, 92, 3)) * 255).astype(np.uint8)).save(tmp_path / "in" / "ann" / "a.jpg")
     write_png(tmp_path / "in" / "ann" / "b.png", rng.random((64, 64)))
-    before = snapshot(store)
+    before = store_snapshot(store)
     refused = faceflow("ingest", str(tmp_path / "in"), "--no-resize", store=store)
     assert refused.returncode == 2 and "a.jpg: is 92x112, not 64x64" in refused.stderr
-    assert snapshot(store) == before
+    assert store_snapshot(store) == before
     done = faceflow("ingest", str(tmp_path / "in"), store=store)
     assert done.returncode == 0, done.stderr
     assert f"{tmp_path / 'in' / 'ann' / 'a.jpg'}: converted RGB to grayscale, resized 92x112 to 64x64" in done.stderr
@@ -152,13 +148,13 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_every_bad_input_is_one_line_naming_it_exit_2_and_the_store_unchanged(tmp_path: Path, store: Path) -> None:
-    before = snapshot(store)
+    before = store_snapshot(store)
     for case, (path, named) in _bad_inputs(tmp_path / "bad").items():
         refused = faceflow("ingest", str(path), store=store)
         assert refused.returncode == 2, (case, refused.stdout, refused.stderr)
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("faceflow ingest refused: ") and named in lines[0], (case, lines)
-        assert snapshot(store) == before, case
+        assert store_snapshot(store) == before, case
     refused = faceflow("faces", "9", store=store)
     assert refused.returncode == 2 and "faces version '9' is not a version" in refused.stderr
 

@@ -24,7 +24,7 @@ PROGRAM = textwrap.dedent("""
     signals.install()
     import slow_module  # prints "importing", waits for the signal to be put off, writes the marker
     print("imported", flush=True)
-    time.sleep(60)
+    time.sleep(60)  # the program's work: what the signal interrupts (the test ends it long before)
 """)
 
 SLOW_MODULE = textwrap.dedent("""
@@ -90,7 +90,7 @@ FLOW_PROCESS = textwrap.dedent("""
     defer_during_imports()
     try:
         import slow_module
-        time.sleep(60)
+        time.sleep(60)  # the flow's work: what the deferred signal interrupts once the import is done
     except Stopped:
         print("stopped by the engine's handler after the import", flush=True)
 """)

@@ -14,15 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from support import store_snapshot
 from tasks.data import open_store
 from tasks.store import FaceStore, StoreError, UnknownVersionError, image_id
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file of the store and its bytes, the lock file aside (it is empty and always there)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def new_faces(n: int, seed: int) -> np.ndarray:
@@ -42,9 +38,9 @@ def test_first_use_makes_the_olivetti_faces_version_1(tmp_path: Path, data_file:
     assert list(table.columns) == ["image_id", "person", "source", "added_in", "shard", "row"]
     assert table["person"].nunique() == 40 and set(table["added_in"]) == {"1"}
     assert (tmp_path / "faces" / "LATEST").read_text().strip() == version.id
-    before = snapshot(tmp_path / "faces")
+    before = store_snapshot(tmp_path / "faces")
     assert open_store(tmp_path / "faces", data_file)[1] == version  # a second use adds nothing
-    assert snapshot(tmp_path / "faces") == before
+    assert store_snapshot(tmp_path / "faces") == before
     # Version 1's id depends on the faces, not on where the store or the data file is.
     assert open_store(tmp_path / "elsewhere", data_file)[1].id == version.id
 
@@ -54,7 +50,7 @@ def test_a_version_adds_only_new_images_and_leaves_the_previous_one_as_it_was(tm
     first_images = new_faces(20, 0)
     first = store.add(first_images, [f"p{i % 4}" for i in range(20)], [f"a[{i}]" for i in range(20)]).version
     assert first is not None and first.number == 1
-    first_files = snapshot(tmp_path / "faces" / "versions" / first.id)
+    first_files = store_snapshot(tmp_path / "faces" / "versions" / first.id)
 
     fresh = new_faces(5, 1)
     offered = np.concatenate([first_images[:3], fresh, fresh[:1]])  # 3 held already, 5 new, 1 repeated
@@ -70,7 +66,7 @@ def test_a_version_adds_only_new_images_and_leaves_the_previous_one_as_it_was(tm
     # Each image once on disk: the shards hold exactly the 25 distinct images.
     stored = sum(len(np.load(shard)) for shard in (tmp_path / "faces" / "images").glob("*.npy"))
     assert stored == 25
-    assert snapshot(tmp_path / "faces" / "versions" / first.id) == first_files  # immutable
+    assert store_snapshot(tmp_path / "faces" / "versions" / first.id) == first_files  # immutable
     assert np.array_equal(store.read(first).images, first_images)
     assert store.verify(second) == []
 
@@ -106,7 +102,7 @@ def test_versions_are_found_by_number_id_prefix_or_latest_and_an_unknown_one_is_
 def test_bad_images_or_labels_are_refused_and_the_store_is_unchanged(tmp_path: Path, problem: str, match: str) -> None:
     store = FaceStore(tmp_path / "faces")
     store.add(new_faces(4, 0), ["a"] * 4, ["first"] * 4)
-    before = snapshot(tmp_path / "faces")
+    before = store_snapshot(tmp_path / "faces")
     images, people = new_faces(4, 1), ["b", "b", "b", "b"]
     if problem == "nan":
         images[2, 5, 5] = np.nan
@@ -124,7 +120,7 @@ def test_bad_images_or_labels_are_refused_and_the_store_is_unchanged(tmp_path: P
         images = images[:, :32, :32]
     with pytest.raises(StoreError, match=match):
         store.add(images, people, [f"s[{i}]" for i in range(4)])
-    assert snapshot(tmp_path / "faces") == before
+    assert store_snapshot(tmp_path / "faces") == before
 
 
 ADD_IN_A_CHILD = """
@@ -153,11 +149,11 @@ def _child(root: Path, n: int, seed: int, limit: int = 0) -> subprocess.Popen:
 def test_a_full_disk_during_an_ingest_leaves_no_partial_version(tmp_path: Path) -> None:
     store = FaceStore(tmp_path / "faces")
     store.add(new_faces(4, 0), ["a"] * 4, ["first"] * 4)
-    before = snapshot(tmp_path / "faces")
+    before = store_snapshot(tmp_path / "faces")
     child = _child(tmp_path / "faces", 200, 1, limit=1 << 20)  # a 3.3 MB shard, 1 MB of room
     _, error = child.communicate(timeout=120)
     assert child.returncode != 0 and "File too large" in error, error
-    assert snapshot(tmp_path / "faces") == before
+    assert store_snapshot(tmp_path / "faces") == before
     assert [v.number for v in store.versions()] == [1]
     assert store.add(new_faces(3, 2), ["b"] * 3, ["next"] * 3).version.number == 2  # the next writer is not blocked
 
