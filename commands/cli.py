@@ -189,6 +189,31 @@ def run(**options: Any) -> None:
             typer.echo(f"repaired the run folder: {problem}")
 
 
+def retrain(**options: Any) -> None:
+    """Train a challenger now, as weekly-retrain does, and promote it only if it beats the champion on validation faces."""
+    as_json = options.pop("json_output")
+    margin = options.pop("promotion_margin")
+    if options["validation_fraction"] is None:
+        options["validation_fraction"] = RETRAIN_VALIDATION_FRACTION  # promotion compares validation faces
+    config = _validated_config(options)
+    start_timeout = _refuse_bad_input(config)
+
+    def work(api_url: str) -> dict[str, Any]:
+        from commands.runner import run_retrain
+
+        return run_retrain(config, api_url, margin)
+
+    summary = _on_a_server("retrain", start_timeout, work, "the flow run is marked Crashed and the server it started is stopped")
+    if as_json:
+        typer.echo(json.dumps(summary, allow_nan=False, default=str))
+        return
+    typer.echo(f"{'promoted' if summary['promoted'] else 'kept the champion'}: {summary['reason']}")
+    typer.echo(f"challenger: {summary['challenger']['run folder']}")
+
+
+RETRAIN_VALIDATION_FRACTION = 0.1  # flows/retrain.py's RETRAIN_CONFIG, without importing the flow here
+
+
 def _config_signature(with_json: bool) -> inspect.Signature:
     parameters = []
     for path, info in config_fields():
@@ -215,6 +240,14 @@ def _config_signature(with_json: bool) -> inspect.Signature:
 
 run.__signature__ = _config_signature(with_json=True)  # type: ignore[attr-defined]
 app.command("run")(run)
+
+
+_margin_option = typer.Option("--margin", help="Nats of validation log p (of the faces' pixels) the challenger must gain.", min=0.0, max=100.0)
+retrain.__signature__ = _config_signature(with_json=True).replace(  # type: ignore[attr-defined]
+    parameters=[*_config_signature(with_json=True).parameters.values(), inspect.Parameter(
+        "promotion_margin", inspect.Parameter.KEYWORD_ONLY, default=0.5, annotation=Annotated[float, _margin_option])],
+)
+app.command("retrain")(retrain)
 
 
 def show_config(**options: Any) -> None:

@@ -82,3 +82,19 @@ def run_sweep(
         "executions": result.executions,
         "promotion": dataclasses.asdict(result.promotion) if result.promotion else None,
     }
+
+
+def run_retrain(config: FaceflowConfig, api_url: str, margin: float) -> dict[str, Any]:
+    """One retraining now (the weekly-retrain flow), recorded by the server at ``api_url``; raise if it fails."""
+    from flows.retrain import faceflow_retrain
+
+    with recorded_at(api_url):
+        state = faceflow_retrain(config=config, promotion_margin=margin, return_state=True)
+    result = state.result()
+    return {
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "promoted": result.promoted,
+        "reason": result.reason,
+        "challenger": {k: json_safe(v) for k, v in result.challenger.items()},
+        "champion": result.champion,
+    }
