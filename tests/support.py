@@ -131,24 +131,19 @@ def flow_run_states(api_url: str) -> dict[UUID, str]:
 class RunningUI:
     """`make ui` in its own process group, as a terminal runs it; its output in a file."""
 
-    def __init__(self, tmp_path: Path, tag: str, data_file: Path, home: Path, **env: str) -> None:
+    def __init__(self, tmp_path: Path, tag: str, data_file: Path, home: Path, name: str = "make-ui", **env: str) -> None:
+        """``PREFECT_API_URL`` in ``env``: this UI uses that server (a second machine's), else it starts its own."""
         self.port = free_port()
         self.home = home
-        self.output = tmp_path / "make-ui.txt"
+        self.output = tmp_path / f"{name}.txt"
         self.env = tagged_env(tag, self.home, FACEFLOW_DATA_FILE=str(data_file), **env)
+        self.api_url = env.get("PREFECT_API_URL") or api_url_for(self.port)
+        self.url = self.api_url.removesuffix("/api") if "PREFECT_API_URL" in env else server_url(self.port)
         self.process = subprocess.Popen(
             ["make", "--no-print-directory", "ui", f"PORT={self.port}"], cwd=REPO_ROOT, env=self.env,
             stdin=subprocess.DEVNULL, stdout=self.output.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
-        wait_for_text(self.output, f"faceflow UI: {server_url(self.port)}", self.process, timeout=600)
-
-    @property
-    def url(self) -> str:
-        return server_url(self.port)
-
-    @property
-    def api_url(self) -> str:
-        return api_url_for(self.port)
+        wait_for_text(self.output, f"faceflow UI: {self.url}", self.process, timeout=600)
 
     def ctrl_c(self) -> None:
         """SIGINT to the whole group; make then dies of the same signal, as it does in a terminal."""
