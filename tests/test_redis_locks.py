@@ -6,6 +6,7 @@ A real redis-server per test (tests/services.py), real processes, real Prefect t
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -139,12 +140,22 @@ def test_a_lock_whose_holder_was_killed_expires_after_its_hold_timeout(
     assert_no_process_left(tag)
 
 
+class Kept(logging.Handler):
+    """Keeps every record a logger emits: Prefect's loggers do not propagate to pytest's caplog."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_step_that_outlives_its_lock_still_commits_and_leaves_the_next_holders_lock(
         redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worst case of a step longer than FACEFLOW_LOCK_SECONDS: another run computes it too; no failure."""
     from prefect.filesystems import LocalFileSystem
     from prefect.results import ResultStore
-    from prefect.transactions import IsolationLevel, transaction
 
     from faceflow.caching import KEYED_INPUTS
     from faceflow.redis_locks import ExpiringRedisLockManager
@@ -154,16 +165,32 @@ def test_a_step_that_outlives_its_lock_still_commits_and_leaves_the_next_holders
     redis, locks, key = Redis.from_url(redis_server.url), KEYED_INPUTS.lock_manager, "fit_pca-0123abcd"
     elsewhere = ExpiringRedisLockManager(redis_server.url, 60)  # another machine's run
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)), lock_manager=locks)
-    with transaction(key=key, store=store, isolation_level=IsolationLevel.SERIALIZABLE) as txn:
+    kept, logger = Kept(), logging.getLogger("faceflow-test-transaction")
+    logger.addHandler(kept)
+    logging.getLogger("faceflow.redis_locks").addHandler(kept)
+    try:
+        _outlive_the_lock(key, store, logger, redis, elsewhere)
+    finally:
+        logger.removeHandler(kept)
+        logging.getLogger("faceflow.redis_locks").removeHandler(kept)
+    assert [record.levelname for record in kept.records] == ["WARNING"]  # no error while committing
+    assert "expired before its step finished (FACEFLOW_LOCK_SECONDS=0.5)" in kept.records[0].getMessage()
+    assert redis.get(f"lock:{key}") == b"another run"  # the first run's release left it be
+    elsewhere.release_lock(key, "another run")
+    assert store.read(key).result == 42
+
+
+def _outlive_the_lock(key: str, store, logger: logging.Logger, redis: Redis, elsewhere) -> None:
+    """A step's transaction whose lock expires mid-way and is taken by another run, as Prefect's task engine runs it."""
+    from prefect.transactions import IsolationLevel, transaction
+
+    with transaction(key=key, store=store, isolation_level=IsolationLevel.SERIALIZABLE, logger=logger) as txn:
         assert redis.exists(f"lock:{key}")
         deadline = time.monotonic() + 10
         while redis.exists(f"lock:{key}") and time.monotonic() < deadline:
             time.sleep(0.05)  # the step's work, outliving its lock
         assert elsewhere.acquire_lock(key, holder="another run", acquire_timeout=1)
-        txn.stage(42)
-    assert redis.get(f"lock:{key}") == b"another run"  # the first run's release left it be
-    elsewhere.release_lock(key, "another run")
-    assert store.read(key).result == 42
+        txn.stage(42)  # committed, and the lock released, on the way out
 
 
 @pytest.mark.parametrize("value, problem", [
