@@ -30,13 +30,16 @@ ui: $(STAMP)
 
 # Tests open the Prefect UI in Debian's Chromium (driven by Playwright) and run a Prefect
 # server on a throwaway PostgreSQL cluster (Debian's postgresql: initdb, pg_ctl); both are
-# installed with apt-get when missing.
+# installed with apt-get when missing. Cache-lock tests start a redis-server of their own (Debian's
+# redis-server, tests/services.py): the system service its installation may start is stopped.
 system-packages:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; fi; \
+	case "$$missing" in *redis-server*) service redis-server stop >/dev/null 2>&1 || true;; esac
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -24,12 +24,24 @@ from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
     API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, api_url_from_environment, data_file_from_environment, faces_dir,
-    models_dir, prefect_home, server_start_timeout,
+    lock_seconds, models_dir, prefect_home, redis_url, server_start_timeout,
 )
 from tasks.champion import champion_path
 from tasks.olivetti import DataFileError, checked_faces_array
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
+
+
+@app.callback()
+def _refuse_bad_lock_settings() -> None:
+    # No docstring: it would replace the app's help. Before every command, so before any work:
+    # every command's flows take the cache's locks (FACEFLOW_REDIS_URL, FACEFLOW_LOCK_SECONDS).
+    try:
+        redis_url()
+        lock_seconds()
+    except SettingError as error:
+        typer.echo(f"faceflow refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def config_fields(model: type[BaseModel] = FaceflowConfig, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -7,10 +7,15 @@ Flows run a version's steps under the tag ``faces:<version id, 12 digits>`` (``v
 which the UI shows on each task run; the policy also notes each key computed under it in
 ``$PREFECT_HOME/faceflow-cache-index/<version>``, so that forgetting a person can delete the
 cached results computed from the versions that held them (tasks.forgetting).
+
+Its isolation is serializable: a second identical run waits for the first one's step and reads
+its result. The locks live in Redis when FACEFLOW_REDIS_URL is set (they expire, so a dead
+machine's lock frees itself), else in lock files beside Prefect's result storage.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +25,11 @@ from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 
 from faceflow.keys import content_key, project_source_digest
-from faceflow.settings import prefect_home
+from faceflow.settings import lock_seconds, prefect_home, redis_url
 
 
 @dataclass
@@ -150,8 +156,62 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
+def redis_lock_manager(url: str, hold_seconds: float) -> LockManager:
+    """The one lock manager per Redis URL and hold timeout: it remembers which locks this process holds."""
+    from faceflow.redis_locks import ExpiringRedisLockManager  # prefect-redis: imported only when asked for
+
+    return ExpiringRedisLockManager(url, hold_seconds)
+
+
+# Lock files, as before Redis: their folder is read once, at import, as Prefect reads PREFECT_HOME.
+_FILE_LOCKS = ProcessLockManager(lock_folder())
+
+
+def chosen_lock_manager() -> LockManager:
+    """Redis's expiring locks with FACEFLOW_REDIS_URL (SettingError if malformed), else lock files."""
+    url = redis_url()
+    return _FILE_LOCKS if url is None else redis_lock_manager(url, lock_seconds())
+
+
+def _same(manager: LockManager) -> LockManager:
+    return manager
+
+
+class SettingsLockManager(LockManager):
+    """The cache's locks, where the settings say at each use (chosen_lock_manager), not where they said at import.
+
+    Pickled (a task shipped to a Dask worker) as the manager chosen where it was pickled, so a
+    worker locks where the run that sent it does.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_same, (chosen_lock_manager(),))
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        return chosen_lock_manager().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        return await chosen_lock_manager().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        chosen_lock_manager().release_lock(key, holder)
+
+    def is_locked(self, key: str) -> bool:
+        return chosen_lock_manager().is_locked(key)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return chosen_lock_manager().is_lock_holder(key, holder)
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return chosen_lock_manager().wait_for_lock(key, timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await chosen_lock_manager().await_for_lock(key, timeout)
+
+
 # Serializable: a second identical run waits for the first one's task and reads its result
-# instead of computing it again (the lock files live beside Prefect's result storage).
-KEYED_INPUTS = KeyedInputs().configure(
-    isolation_level="SERIALIZABLE", lock_manager=ProcessLockManager(lock_folder())
-)
+# instead of computing it again (the lock lives in Redis or beside Prefect's result storage).
+KEYED_INPUTS = KeyedInputs().configure(isolation_level="SERIALIZABLE", lock_manager=SettingsLockManager())

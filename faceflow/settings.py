@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DATA_FILE_VARIABLE = "FACEFLOW_DATA_FILE"
 API_URL_VARIABLE = "PREFECT_API_URL"
@@ -18,6 +19,12 @@ MODELS_DIR_VARIABLE = "FACEFLOW_MODELS_DIR"
 FACES_DIR_VARIABLE = "FACEFLOW_FACES_DIR"
 CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
+REDIS_URL_VARIABLE = "FACEFLOW_REDIS_URL"
+REDIS_URL_FORM = "redis://[user:password@]host[:port][/db] or rediss://... (TLS)"
+LOCK_SECONDS_VARIABLE = "FACEFLOW_LOCK_SECONDS"
+# How long a Redis cache lock holds before it expires: 5x the longest default training (10-60 s),
+# so a lock left by a dead machine blocks identical steps elsewhere for at most 5 minutes.
+DEFAULT_LOCK_SECONDS = 300.0
 
 
 class SettingError(ValueError):
@@ -82,3 +89,47 @@ def download_timeout() -> float:
 def checkpoint_seconds() -> float:
     """Seconds between a training's resumable checkpoints (FACEFLOW_CHECKPOINT_SECONDS, default 30)."""
     return _positive_seconds(CHECKPOINT_SECONDS_VARIABLE, DEFAULT_CHECKPOINT_SECONDS)
+
+
+def lock_seconds() -> float:
+    """Seconds a Redis cache lock holds before it expires (FACEFLOW_LOCK_SECONDS, default 300)."""
+    return _positive_seconds(LOCK_SECONDS_VARIABLE, DEFAULT_LOCK_SECONDS)
+
+
+def redis_url() -> str | None:
+    """FACEFLOW_REDIS_URL, if set: the Redis server that holds the cache's locks, checked (SettingError if malformed)."""
+    value = os.environ.get(REDIS_URL_VARIABLE, "").strip()
+    if not value:
+        return None
+    problem = _redis_url_problem(value)
+    if problem:
+        raise SettingError(f"{REDIS_URL_VARIABLE}={_without_password(value)!r}: {problem}; expected {REDIS_URL_FORM}")
+    return value
+
+
+def _redis_url_problem(value: str) -> str | None:
+    """What is wrong with a Redis URL (scheme, host, port, database number), or None."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss"):
+        return f"the scheme is {parts.scheme + '://' if parts.scheme else 'missing'}, not redis:// or rediss://"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "the host is missing"
+    if port == 0:
+        return "the port is not a number from 1 to 65535"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return f"the database {database!r} is not a number"
+    return None
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password, if any, shown as ***: error messages end up in logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()

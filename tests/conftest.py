@@ -96,3 +96,12 @@ def tag() -> str:
     tag = new_tag()
     yield tag
     kill_tagged(tag)
+
+
+@pytest.fixture
+def redis_server():
+    """A redis-server of this test's own on 127.0.0.1 (tests/services.py), stopped when the test ends."""
+    from services import RedisServer
+
+    with RedisServer() as server:
+        yield server
