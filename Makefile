@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT ?= false
 
-.PHONY: install system-packages run ui test screenshots bench clean
+.PHONY: install system-packages run ui test rehearsal screenshots bench clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ system-packages:
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The several-machine set-up of docs/operations.md on this machine (PostgreSQL, Redis, Dask, two
+# workers), checked, with its figures printed; also part of `make test`.
+rehearsal: $(STAMP) system-packages
+	$(BIN)/python -m pytest tests/test_rehearsal.py -p no:randomly -s $(PYTEST_ARGS)
 
 # docs/ui/*.png: the browser test's screenshots of a walk through the UI (docs/ui.md).
 screenshots: $(STAMP) system-packages

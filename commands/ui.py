@@ -13,6 +13,7 @@ and PREFECT_API_URL is only known once the server is up.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -68,18 +69,24 @@ def deployment_names() -> list[str]:
         return sorted(deployment.name for deployment in client.read_deployments())
 
 
-def online_workers(pool: str = WORK_POOL) -> int:
+def online_workers(pool: str = WORK_POOL) -> set[str]:
+    """The names of the pool's workers that are online (other machines' included)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return sum(worker.status == "ONLINE" for worker in client.read_workers_for_work_pool(pool))
+        return {worker.name for worker in client.read_workers_for_work_pool(pool) if worker.status == "ONLINE"}
+
+
+def worker_name() -> str:
+    """This `faceflow ui`'s worker: the machine and the process, so a second machine's worker is told apart."""
+    return f"faceflow-{socket.gethostname()}-{os.getpid()}"
 
 
 def start_worker() -> subprocess.Popen:
     """`prefect worker start` for the pool, in its own session (we stop it, in order), its output on ours."""
     env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS}
     return subprocess.Popen(
-        tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL]),
+        tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", worker_name()]),
         env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
 
@@ -128,7 +135,7 @@ def running_worker(server: LocalServer | None, timeout: float) -> Iterator[subpr
     worker = start_worker()
     try:
         deadline = time.monotonic() + timeout
-        while online_workers() == 0:
+        while worker_name() not in online_workers():
             if worker.poll() is not None:
                 raise UIError(f"the Prefect worker exited with code {worker.returncode} while starting")
             if time.monotonic() > deadline:
