@@ -1,6 +1,7 @@
 """`make bench`: one run, one machine, every figure side by side; prints tables, writes JSON.
 
-`python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes).
+`python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes);
+`python -m bench --only service` the several-machine rehearsal and concurrent promotions (bench/service.py, about 3).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import flow_runs, quality, store, sweeps, training_speed
+from bench import flow_runs, quality, service, store, sweeps, training_speed
 from commands.signals import answer_ctrl_c_again
 from faceflow.config import FaceflowConfig
 from faceflow.settings import data_file_from_environment
@@ -105,8 +106,9 @@ def main() -> None:
     answer_ctrl_c_again()  # the bench ends runs and `faceflow ui` with SIGINT, as a terminal's Ctrl-C would
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
-    parser.add_argument("--only", choices=["store"],
-                        help="Only one part: store = the face store's ingest speed, growth, memory and event latency.")
+    parser.add_argument("--only", choices=["store", "service"],
+                        help="Only one part: store = the face store's ingest speed, growth, memory and event latency; "
+                             "service = the several-machine rehearsal and concurrent promotions.")
     arguments = parser.parse_args()
     data_file = data_file_from_environment() or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat"
     report: dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
@@ -115,7 +117,10 @@ def main() -> None:
         report |= flow_benchmarks(data_file)
         if not arguments.skip_quality:
             report |= quality_benchmarks(data_file)
-    report |= store_benchmarks(data_file)
+    if arguments.only in (None, "store"):
+        report |= store_benchmarks(data_file)
+    if arguments.only in (None, "service"):
+        report |= service_benchmarks()
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench-{report['date'].replace(':', '')}.json"
@@ -210,6 +215,14 @@ def store_benchmarks(data_file: Path) -> dict[str, object]:
                 f"{store.GROWTH_REPEATS}) at 400, 4,000 and 40,000 faces", part["store_steps"])
     print_table("face store: faceflow run as a user runs it, on each version (cold, own server)", part["store_cold"])
     print_table("face store targets", part["store_targets"])
+    return part
+
+
+def service_benchmarks() -> dict[str, object]:
+    """Several machines, rehearsed: shared cache, upstream once, no lost leaderboard row, alert latency (bench/service.py)."""
+    with tempfile.TemporaryDirectory(prefix="faceflow-bench-service-") as scratch:
+        part = service.service_benchmarks(Path(scratch))
+    print_table("service targets", part["service_targets"])
     return part
 
 
