@@ -18,6 +18,11 @@ MODELS_DIR_VARIABLE = "FACEFLOW_MODELS_DIR"
 FACES_DIR_VARIABLE = "FACEFLOW_FACES_DIR"
 CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
+ALERT_BLOCK_VARIABLE = "FACEFLOW_ALERT_BLOCK"
+# Prefect's own setting (and its older name): seconds between a flow run's heartbeat events.
+HEARTBEAT_VARIABLES = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+# Prefect's minimum, and what `faceflow ui` gives its worker's flow runs unless told otherwise.
+MINIMUM_HEARTBEAT_SECONDS = 30
 
 
 class SettingError(ValueError):
@@ -82,3 +87,34 @@ def download_timeout() -> float:
 def checkpoint_seconds() -> float:
     """Seconds between a training's resumable checkpoints (FACEFLOW_CHECKPOINT_SECONDS, default 30)."""
     return _positive_seconds(CHECKPOINT_SECONDS_VARIABLE, DEFAULT_CHECKPOINT_SECONDS)
+
+
+def alert_block() -> tuple[str, str] | None:
+    """The notification block alerts go to, as (block type slug, block name), from FACEFLOW_ALERT_BLOCK; None if unset.
+
+    The value is ``<block-type-slug>/<block-name>``, e.g. ``custom-webhook/faceflow-alerts`` or
+    ``slack-webhook/ml-team``: any Prefect notification block saved on the server.
+    """
+    value = os.environ.get(ALERT_BLOCK_VARIABLE, "").strip()
+    if not value:
+        return None
+    slug, _, name = value.partition("/")
+    if not slug or not name or "/" in name:
+        raise SettingError(f"{ALERT_BLOCK_VARIABLE}={value!r}: expected <block-type-slug>/<block-name>, "
+                           "e.g. custom-webhook/faceflow-alerts")
+    return slug, name
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between flow run heartbeats for `faceflow ui`'s worker: PREFECT_FLOWS_HEARTBEAT_FREQUENCY, default 30.
+
+    Prefect's own default is 180 s and its minimum 30 s; the crash automation (commands/alerts.py)
+    waits two heartbeats, so a shorter heartbeat marks a dead run Crashed sooner.
+    """
+    for variable in HEARTBEAT_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < MINIMUM_HEARTBEAT_SECONDS:
+                raise SettingError(f"{variable}={value!r}: expected a whole number of seconds >= {MINIMUM_HEARTBEAT_SECONDS}")
+            return int(value)
+    return MINIMUM_HEARTBEAT_SECONDS
