@@ -396,10 +396,15 @@ def rollback(
     """Make an earlier champion current again; the leaderboard records who and why."""
     import getpass
 
-    from tasks.registry import rollback as roll_back
+    from tasks.registry import leaderboard, rollback as roll_back
 
     def work(alias: Any) -> dict[str, Any]:
-        chosen = roll_back(models_dir(), alias, to, getpass.getuser(), reason, stale=_stale)
+        from tasks.steps import CHAMPION_ROLLED_BACK, announce_champion
+
+        who = getpass.getuser()
+        chosen = roll_back(models_dir(), alias, to, who, reason, stale=_stale)
+        # The event (and with it the "champion changed" alert) is sent before the command's server stops.
+        announce_champion(CHAMPION_ROLLED_BACK, chosen.folder, chosen.record, leaderboard(models_dir())[-1]["why"], who=who)
         return {"folder": chosen.folder} | chosen.record.to_json()
 
     done = _on_the_registry("champion rollback", work)

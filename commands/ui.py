@@ -6,6 +6,11 @@ deploys every deployment in prefect.yaml with Prefect's own `prefect deploy`, st
 in progress included, when it is interrupted or terminated. While it runs, `faceflow run` with
 the same PREFECT_HOME finds its server through the record file it leaves there.
 
+It also creates faceflow's alert automations (commands/alerts.py), gives its worker's flow runs
+a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 unless set) so that a run whose
+process died is marked Crashed, and restarts a worker that exits by itself (at most
+MAX_WORKER_RESTARTS within RESTART_WINDOW_SECONDS); a server that exits stops everything.
+
 Prefect is imported inside the functions that use it: its settings are read once, at import,
 and PREFECT_API_URL is only known once the server is up.
 """
@@ -23,16 +28,23 @@ from pathlib import Path
 
 import psutil
 
+from commands.alerts import HEARTBEATS_BEFORE_CRASHED
 from commands.server import (
     LocalServer, ServerError, is_healthy, local_server, recorded_server, remove_record, tethered, write_record,
 )
-from faceflow.settings import API_URL_VARIABLE, DATA_FILE_VARIABLE, api_url_from_environment, prefect_home
+from faceflow.settings import (
+    ALERT_BLOCK_VARIABLE, API_URL_VARIABLE, DATA_FILE_VARIABLE, HEARTBEAT_VARIABLES, alert_block, api_url_from_environment,
+    heartbeat_seconds, prefect_home,
+)
 from commands.tether import become_subreaper
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "faceflow-local"  # the pool prefect.yaml's deployments name
 # How often the worker asks for scheduled runs; Prefect's default of 10 s makes the UI's Run button feel dead.
 WORKER_POLL_SECONDS = "3"
+# A worker that exits by itself is started again, unless it has been this many times within the window.
+MAX_WORKER_RESTARTS = 5
+RESTART_WINDOW_SECONDS = 600.0
 
 
 class UIError(RuntimeError):
@@ -77,16 +89,14 @@ def online_workers(pool: str = WORK_POOL) -> set[str]:
         return {worker.name for worker in client.read_workers_for_work_pool(pool) if worker.status == "ONLINE"}
 
 
-def worker_name() -> str:
-    """This `faceflow ui`'s worker: the machine and the process, so a second machine's worker is told apart."""
-    return f"faceflow-{socket.gethostname()}-{os.getpid()}"
+def start_worker(name: str) -> subprocess.Popen:
+    """`prefect worker start` for the pool, in its own session (we stop it, in order), its output on ours.
 
-
-def start_worker() -> subprocess.Popen:
-    """`prefect worker start` for the pool, in its own session (we stop it, in order), its output on ours."""
-    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS}
+    Its flow runs send a heartbeat every ``heartbeat_seconds()``, which the crash automation watches.
+    """
+    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS, HEARTBEAT_VARIABLES[0]: str(heartbeat_seconds())}
     return subprocess.Popen(
-        tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", worker_name()]),
+        tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", name]),
         env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
 
@@ -129,37 +139,96 @@ def stop_orphans(keep: set[int], grace: float = 20.0) -> None:
     terminate([p for p in psutil.Process().children(recursive=True) if p.pid not in keep], grace)
 
 
+class Worker:
+    """The pool's worker, started again when it exits by itself, a bounded number of times.
+
+    A flow run whose worker was killed but which itself survived is re-parented to `faceflow ui`
+    (a child subreaper): it is left to finish, since it still reports its own states and heartbeats
+    to the server, and it is stopped with everything else when `faceflow ui` stops. A flow run that
+    died with its worker stops sending heartbeats and is marked Crashed by the automation.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.restarts: list[float] = []  # monotonic times of the restarts
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        self.started += 1
+        # The machine and this process: another machine's workers in the pool are told apart.
+        self.name = f"faceflow-{socket.gethostname()}-{os.getpid()}-{self.started}"
+        return start_worker(self.name)
+
+    def restart_if_exited(self) -> None:
+        """Start a new worker if this one has exited; raise UIError once it exited too often."""
+        code = self.process.poll()
+        if code is None:
+            return
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_SECONDS]
+        if len(self.restarts) >= MAX_WORKER_RESTARTS:
+            raise UIError(f"the Prefect worker exited unexpectedly with code {code}, after {len(self.restarts)} restarts "
+                          f"within {RESTART_WINDOW_SECONDS / 60:g} minutes: giving up")
+        self.restarts.append(now)
+        self.process = self._start()
+        print(f"faceflow ui: the Prefect worker exited unexpectedly with code {code}; started worker {self.name} "
+              f"(restart {len(self.restarts)}, at most {MAX_WORKER_RESTARTS} within {RESTART_WINDOW_SECONDS / 60:g} minutes)",
+              flush=True)
+
+
 @contextmanager
-def running_worker(server: LocalServer | None, timeout: float) -> Iterator[subprocess.Popen]:
+def running_worker(server: LocalServer | None, timeout: float) -> Iterator[Worker]:
     """A worker that is online in the pool; stopped, with any flow run it left, when the block ends."""
-    worker = start_worker()
+    worker = Worker()
     try:
         deadline = time.monotonic() + timeout
-        while worker_name() not in online_workers():
-            if worker.poll() is not None:
-                raise UIError(f"the Prefect worker exited with code {worker.returncode} while starting")
+        while worker.name not in online_workers():  # this one: another machine's may be online already
+            if worker.process.poll() is not None:
+                raise UIError(f"the Prefect worker exited with code {worker.process.returncode} while starting")
             if time.monotonic() > deadline:
                 raise UIError(f"the Prefect worker did not come online within {timeout:g} s")
             time.sleep(0.5)
         yield worker
     finally:
-        stop_worker(worker)
+        stop_worker(worker.process)
         stop_orphans(keep={server.process.pid} if server else set())
 
 
-def watch(children: dict[str, subprocess.Popen]) -> None:
-    """Block until interrupted; raise if a child we depend on exits by itself."""
+def reap_orphans(keep: set[int]) -> None:
+    """Collect the exit status of adopted orphans (flow runs whose worker died) that have ended, so none stays a zombie."""
+    for child in psutil.Process().children():
+        try:
+            if child.pid not in keep and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            continue
+
+
+def watch(worker: Worker, server: subprocess.Popen | None) -> None:
+    """Block until interrupted: restart the worker when it exits; raise if the server exits."""
     while True:
-        for name, child in children.items():
-            if child.poll() is not None:
-                raise UIError(f"the Prefect {name} exited unexpectedly with code {child.returncode}")
+        if server is not None and server.poll() is not None:
+            raise UIError(f"the Prefect server exited unexpectedly with code {server.returncode}")
+        worker.restart_if_exited()
+        reap_orphans(keep={worker.process.pid} | ({server.pid} if server else set()))
         time.sleep(1.0)
+
+
+def set_up_alerts(block_id, ui_url: str) -> None:
+    """faceflow's automations (commands/alerts.py), created or updated by name; one line when alerts go nowhere."""
+    from commands.alerts import ensure_automations
+
+    ensure_automations(block_id, ui_url, heartbeat_seconds())
+    if block_id is None:
+        print(f"alerts go nowhere until {ALERT_BLOCK_VARIABLE} names a notification block (docs/operations.md, Alerts)",
+              flush=True)
 
 
 def serve_ui(port: int, start_timeout: float) -> None:
     """Bring the UI up, print where it is, and keep it up until interrupted; stops everything on the way out."""
     become_subreaper()
     home = prefect_home()
+    heartbeat_seconds(), alert_block()  # a malformed setting stops here, before anything starts
     with ExitStack() as stack:
         server: LocalServer | None = None
         api_url = api_url_from_environment()
@@ -176,9 +245,13 @@ def serve_ui(port: int, start_timeout: float) -> None:
             stack.callback(remove_record, home)
             api_url, ui_url = server.api_url, server.url
         os.environ[API_URL_VARIABLE] = api_url  # for Prefect's client, imported from here on, and for the worker
+        from commands.alerts import notification_block
+
+        block_id = notification_block()  # FACEFLOW_ALERT_BLOCK naming no block stops here, before the UI is up
         print(f"creating work pool {WORK_POOL!r} and deploying prefect.yaml ...", flush=True)
         ensure_work_pool()
         deploy_all()
+        set_up_alerts(block_id, ui_url)
         if DATA_FILE_VARIABLE not in os.environ:
             print(f"warning: {DATA_FILE_VARIABLE} is not set: runs from the UI will try scikit-learn's download", flush=True)
         worker = stack.enter_context(running_worker(server, start_timeout))
@@ -186,7 +259,9 @@ def serve_ui(port: int, start_timeout: float) -> None:
             f"\nfaceflow UI: {ui_url}\n"
             f"  deployments: {', '.join(deployment_names())}; a worker is online in pool {WORK_POOL!r}\n"
             f"  faceflow run with PREFECT_HOME={home} uses this server\n"
+            f"  alerts: {os.environ.get(ALERT_BLOCK_VARIABLE) if block_id else 'nowhere'}; a deployment run without a heartbeat "
+            f"for {HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds()} s is marked Crashed\n"
             "  Ctrl-C stops the worker, its flow runs and the server\n",
             flush=True,
         )
-        watch({"worker": worker} | ({"server": server.process} if server else {}))
+        watch(worker, server.process if server else None)

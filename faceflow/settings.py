@@ -25,6 +25,11 @@ LOCK_SECONDS_VARIABLE = "FACEFLOW_LOCK_SECONDS"
 # How long a Redis cache lock holds before it expires: 5x the longest default training (10-60 s),
 # so a lock left by a dead machine blocks identical steps elsewhere for at most 5 minutes.
 DEFAULT_LOCK_SECONDS = 300.0
+ALERT_BLOCK_VARIABLE = "FACEFLOW_ALERT_BLOCK"
+# Prefect's own setting (and its older name): seconds between a flow run's heartbeat events.
+HEARTBEAT_VARIABLES = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+# Prefect's minimum, and what `faceflow ui` gives its worker's flow runs unless told otherwise.
+MINIMUM_HEARTBEAT_SECONDS = 30
 
 
 class SettingError(ValueError):
@@ -133,3 +138,34 @@ def _without_password(url: str) -> str:
         return url
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
+def alert_block() -> tuple[str, str] | None:
+    """The notification block alerts go to, as (block type slug, block name), from FACEFLOW_ALERT_BLOCK; None if unset.
+
+    The value is ``<block-type-slug>/<block-name>``, e.g. ``custom-webhook/faceflow-alerts`` or
+    ``slack-webhook/ml-team``: any Prefect notification block saved on the server.
+    """
+    value = os.environ.get(ALERT_BLOCK_VARIABLE, "").strip()
+    if not value:
+        return None
+    slug, _, name = value.partition("/")
+    if not slug or not name or "/" in name:
+        raise SettingError(f"{ALERT_BLOCK_VARIABLE}={value!r}: expected <block-type-slug>/<block-name>, "
+                           "e.g. custom-webhook/faceflow-alerts")
+    return slug, name
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between flow run heartbeats for `faceflow ui`'s worker: PREFECT_FLOWS_HEARTBEAT_FREQUENCY, default 30.
+
+    Prefect's own default is 180 s and its minimum 30 s; the crash automation (commands/alerts.py)
+    waits two heartbeats, so a shorter heartbeat marks a dead run Crashed sooner.
+    """
+    for variable in HEARTBEAT_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < MINIMUM_HEARTBEAT_SECONDS:
+                raise SettingError(f"{variable}={value!r}: expected a whole number of seconds >= {MINIMUM_HEARTBEAT_SECONDS}")
+            return int(value)
+    return MINIMUM_HEARTBEAT_SECONDS

@@ -12,7 +12,7 @@ from faceflow.settings import faces_dir, models_dir
 from flows.retrain import publish_leaderboard
 from tasks.forgetting import stale_reason
 from tasks.registry import leaderboard, rollback
-from tasks.steps import ChampionVariable
+from tasks.steps import CHAMPION_ROLLED_BACK, ChampionVariable, announce_champion
 from tasks.store import FaceStore
 
 
@@ -24,9 +24,11 @@ def faceflow_rollback(
 ) -> dict[str, Any]:
     """Make an earlier champion current again (`faceflow champion --history` lists them), as one registry transaction."""
     store = FaceStore(faces_dir())
-    chosen = rollback(models_dir(), ChampionVariable(), to or None, f"deployment run {flow_run.name or 'in-process'}", reason,
+    who = f"deployment run {flow_run.name or 'in-process'}"
+    chosen = rollback(models_dir(), ChampionVariable(), to or None, who, reason,
                       stale=lambda record: stale_reason(store, record.faces_version))
     rows = leaderboard(models_dir())
+    announce_champion(CHAMPION_ROLLED_BACK, chosen.folder, chosen.record, rows[-1]["why"], who=who)
     publish_leaderboard(rows, rows[-1]["why"])  # the leaderboard, and the rollback's row as this run's decision
     get_run_logger().info(f"champion: {chosen.folder} (from {chosen.record.run_folder})")
     return {"folder": chosen.folder} | chosen.record.to_json()

@@ -304,11 +304,41 @@ class ChampionVariable:
             Variable.set(CHAMPION_VARIABLE, record, overwrite=True)
 
 
+CHAMPION_PROMOTED = "faceflow.champion.promoted"
+CHAMPION_ROLLED_BACK = "faceflow.champion.rolled-back"
+
+
+def announce_champion(event: str, folder: str, record: ChampionRecord, why: str, who: str | None = None) -> None:
+    """Emit ``faceflow.champion.promoted`` or ``faceflow.champion.rolled-back`` for the champion now current.
+
+    The "faceflow: champion changed" automation (commands/alerts.py) sends it on as a notification.
+    Called after the registry's transaction has ended (tasks/registry.py stays Prefect-free); the
+    flow run that made the change, if any, is a related resource.
+    """
+    from prefect.events import emit_event
+
+    related = []
+    if flow_run.id:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{flow_run.id}", "prefect.resource.role": "flow-run",
+                        "prefect.resource.name": flow_run.name or ""})
+    emit_event(
+        event=event,
+        resource={"prefect.resource.id": f"faceflow.champion.{folder}", "prefect.resource.name": folder},
+        related=related,
+        payload={"folder": folder, "run_folder": record.run_folder, "flow_run_id": record.flow_run_id,
+                 "faces_version": record.faces_version, "seed": record.seed,
+                 "validation_log_prob": record.validation_log_prob, "heldout_log_prob": record.heldout_log_prob,
+                 "why": why, "who": who},
+    )
+
+
 @task(name="promote_champion", cache_policy=NO_CACHE)
 def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path) -> Path:
     """Make the challenger the champion: its folder, the link, the Variable and its leaderboard row, as one transaction."""
     from tasks.registry import promote
 
     installed = promote(run_folder, record, row, models, ChampionVariable())
+    announce_champion(CHAMPION_PROMOTED, installed.name, record, str(row.get("why") or ""),
+                      who=f"flow run {flow_run.name}" if flow_run.name else None)
     publish_table("faceflow-champion", [record.to_json()], "The new champion")
     return installed

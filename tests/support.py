@@ -177,3 +177,55 @@ def wait_for_state(api_url: str, flow_run_id: UUID, wanted: set[str], timeout: f
                 return state.name
             time.sleep(1.0)
     raise AssertionError(f"flow run {flow_run_id} not in {wanted} within {timeout} s")
+
+
+class AlertReceiver:
+    """An HTTP server on 127.0.0.1 in a thread that records every POST: where a webhook notification block sends alerts."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posts: list[tuple[float, str]] = []  # (time.time() of receipt, body)
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode(errors="replace")
+                posts.append((time.time(), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *arguments: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, *texts: str, timeout: float) -> tuple[float, str]:
+        """The first POST whose body holds every one of ``texts``: (when it came, its body)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for post in list(self.posts):
+                if all(text in post[1] for text in texts):
+                    return post
+            time.sleep(0.2)  # poll interval of the bounded wait for the POST
+        raise AssertionError(f"no POST with {texts} within {timeout} s; got:\n" + "\n".join(body for _, body in self.posts))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def save_webhook_block(home: Path, url: str, name: str) -> str:
+    """A Prefect custom webhook notification block posting to ``url``, saved in ``home``'s database; its FACEFLOW_ALERT_BLOCK value."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from commands.server import local_server
+
+    with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+        CustomWebhookNotificationBlock(name="faceflow alerts", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+                                       ).save(name, overwrite=True)
+    return f"custom-webhook/{name}"
