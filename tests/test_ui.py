@@ -157,7 +157,7 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
     wait_for_a_running_task(ui.api_url, killed_run, timeout=300)  # past its first heartbeat, into its tasks
     kill_worker_and_its_flow_runs(tag)
     killed_at = time.time()
-    wait_for_text(ui.output, "started worker faceflow-ui-", ui.process, timeout=60)
+    wait_for_text(ui.output, "started worker faceflow-", ui.process, timeout=60)
     assert is_healthy(ui.api_url)
     with client(ui.api_url) as prefect:
         card = next(artifact for artifact in prefect.read_latest_artifacts() if artifact.key == "faceflow-faces")
