@@ -52,16 +52,23 @@ class UIError(RuntimeError):
 
 
 def ensure_work_pool(name: str = WORK_POOL) -> None:
-    """Create the process work pool the deployments use, unless it exists."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    """Create the process work pool the deployments use, or bring its job template up to date.
 
+    The template gives every flow run the pool's workers start (a worker started by hand on another
+    machine included) the heartbeat the crash automation expects.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["env"]["default"] = {HEARTBEAT_VARIABLES[0]: str(heartbeat_seconds())}
     with get_client(sync_client=True) as client:
         try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
         except ObjectAlreadyExists:
-            pass
+            client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
 
 
 def deploy_all() -> None:

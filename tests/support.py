@@ -220,12 +220,18 @@ class AlertReceiver:
 
 def save_webhook_block(home: Path, url: str, name: str) -> str:
     """A Prefect custom webhook notification block posting to ``url``, saved in ``home``'s database; its FACEFLOW_ALERT_BLOCK value."""
+    from commands.server import local_server
+
+    with local_server(home, timeout=300) as server:
+        return save_webhook_block_at(server.api_url, url, name)
+
+
+def save_webhook_block_at(api_url: str, url: str, name: str) -> str:
+    """As ``save_webhook_block``, on the server at ``api_url``."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from commands.server import local_server
-
-    with local_server(home, timeout=300) as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+    with temporary_settings({PREFECT_API_URL: api_url}):
         CustomWebhookNotificationBlock(name="faceflow alerts", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
                                        ).save(name, overwrite=True)
     return f"custom-webhook/{name}"

@@ -23,7 +23,10 @@ from pathlib import Path
 import yaml
 
 from services import Cluster, RedisServer
-from support import REPO_ROOT, RunningUI, assert_no_process_left, client, faceflow, wait_for_state, wait_for_text, write_png
+from support import (
+    REPO_ROOT, AlertReceiver, RunningUI, assert_no_process_left, client, faceflow, save_webhook_block_at, wait_for_state,
+    wait_for_text, write_png,
+)
 from test_ui import wait_for_triggered_run
 
 FIGURES_VARIABLE = "FACEFLOW_REHEARSAL_FIGURES"
@@ -133,7 +136,7 @@ def retrain_runs(api_url: str) -> list:
 def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path: Path, tag: str, data_file: Path, faces) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
-    cluster, redis = Cluster(), RedisServer(env={"FACEFLOW_TEST_TAG": tag})
+    cluster, redis, receiver = Cluster(), RedisServer(env={"FACEFLOW_TEST_TAG": tag}), AlertReceiver()
     machines: list[Machine] = []
     dask: list[subprocess.Popen] = []
     figures: dict[str, float] = {}
@@ -143,10 +146,15 @@ def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path
         a, b = (Machine(name, tmp_path, shared, data_file, redis.url) for name in ("machine-a", "machine-b"))
         machines = [a, b]
         a.start_ui(tag, PREFECT_API_DATABASE_CONNECTION_URL=cluster.url)  # the server, on PostgreSQL
-        b.start_ui(tag, PREFECT_API_URL=a.ui.api_url)  # deploys again (idempotent) and adds its worker
+        # B's make ui deploys again (idempotent), adds its worker, and points the alerts at a webhook.
+        block = save_webhook_block_at(a.ui.api_url, receiver.url, "rehearsal-alerts")
+        b.start_ui(tag, PREFECT_API_URL=a.ui.api_url, FACEFLOW_ALERT_BLOCK=block)
         with client(a.ui.api_url) as prefect:
             workers = prefect.read_workers_for_work_pool("faceflow-local")
             assert len(workers) == 2 and {w.status for w in workers} == {"ONLINE"}, workers
+            # Every run the pool's workers start sends the heartbeat the crash automation watches.
+            template = prefect.read_work_pool("faceflow-local").base_job_template
+            assert template["variables"]["properties"]["env"]["default"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
         address, dask = start_dask(tag, machines, tmp_path)
 
         # A sweep from A on the shared cluster: its shared upstream runs once.
@@ -178,9 +186,18 @@ def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path
         triggered = wait_for_triggered_run(a.ui.api_url, "weekly-retrain", timeout=120)
         assert wait_for_state(a.ui.api_url, triggered, {"Completed"}, timeout=600) == "Completed"
 
+        # A retraining that fails (no validation faces to judge on) is alerted, naming its flow run.
+        failing = a.start(faceflow("retrain", "--validation-fraction", "0", "--json"), "failing")
+        assert failing.wait(timeout=300) == 1
+        failed = [run for run in retrain_runs(a.ui.api_url) if run.state.name == "Failed"]
+        assert len(failed) == 1
+        posted, _ = receiver.wait_for(str(failed[0].id), "Failed", "validation_fraction must be above 0", timeout=60)
+        figures["failed run -> alert seconds"] = posted - failed[0].state.timestamp.timestamp()
+        receiver.wait_for("faceflow.champion.promoted", timeout=60)  # and the promotions were announced
+
         # Afterwards: one champion, named alike by the link, the Variable and the leaderboard, and
         # every challenger (each retrain flow run) has its row.
-        runs = retrain_runs(a.ui.api_url)
+        runs = [run for run in retrain_runs(a.ui.api_url) if run.state.name != "Failed"]
         assert len(runs) == 3 and {run.state.name for run in runs} == {"Completed"}
         rows = json.loads((shared / "models" / "leaderboard.json").read_text())
         assert len(rows) == 3, rows
@@ -206,6 +223,7 @@ def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path
         stop(dask)
         redis.stop()
         cluster.stop()
+        receiver.close()
     assert_no_process_left(tag)
     print(f"rehearsal figures: {json.dumps(figures)}")
     if os.environ.get(FIGURES_VARIABLE):
