@@ -20,7 +20,7 @@ Prefect is imported inside the functions: PREFECT_API_URL is only known once the
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from faceflow.settings import ALERT_BLOCK_VARIABLE, SettingError, alert_block
@@ -75,6 +75,15 @@ def _notify(block_id: UUID | None, subject: str, body: str) -> list:
     return [SendNotification(block_document_id=block_id, subject=subject, body=body)]
 
 
+def _notifying(name: str, what: str, block_id: UUID | None, trigger: Any, message: tuple[str, str]) -> Automation:
+    """An automation that sends ``message`` (subject, body templates) to the block; disabled, saying so, without one."""
+    from prefect.automations import Automation
+
+    enabled = block_id is not None
+    return Automation(name=name, description=what + ("" if enabled else " " + UNSET), enabled=enabled, trigger=trigger,
+                      actions=_notify(block_id, *message))
+
+
 def automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> list[Automation]:
     """The three automations, notifying block ``block_id`` (None: disabled), linking to the UI at ``ui_url``."""
     from prefect.automations import Automation
@@ -82,40 +91,31 @@ def automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> l
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    enabled = block_id is not None
     run_link = f"{ui_url.rstrip('/')}/runs/flow-run/{{{{ flow_run.id }}}}"
-    failed = Automation(
-        name=FAILED,
-        description=("A run of faceflow-retrain or faces-sweep entered Failed or Crashed: a notification names it."
-                     + ("" if enabled else " " + UNSET)),
-        enabled=enabled,
-        trigger=EventTrigger(
+    failed = _notifying(
+        FAILED, "A run of faceflow-retrain or faces-sweep entered Failed or Crashed: a notification names it.", block_id,
+        EventTrigger(
             expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "flow", "prefect.resource.name": ALERTED_FLOWS},
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive, threshold=1, within=timedelta(0),
         ),
-        actions=_notify(
-            block_id,
+        (
             "faceflow: {{ flow.name }} run {{ flow_run.name }} {{ event.resource['prefect.state-name'] }}",
             "Flow run {{ flow_run.name }} ({{ flow_run.id }}) of {{ flow.name }} entered "
             "{{ event.resource['prefect.state-name'] }}: {{ event.resource['prefect.state-message'] }}\n" + run_link,
         ),
     )
-    champion = Automation(
-        name=CHAMPION_CHANGED,
-        description=("A champion was promoted or rolled back: a notification names it and why."
-                     + ("" if enabled else " " + UNSET)),
-        enabled=enabled,
-        trigger=EventTrigger(
+    champion = _notifying(
+        CHAMPION_CHANGED, "A champion was promoted or rolled back: a notification names it and why.", block_id,
+        EventTrigger(
             expect={"faceflow.champion.promoted", "faceflow.champion.rolled-back"},
             match={"prefect.resource.id": "faceflow.champion.*"},
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive, threshold=1, within=timedelta(0),
         ),
-        actions=_notify(
-            block_id,
+        (
             "faceflow: {{ event.payload.folder }} is the champion ({{ event.event }})",
             "{{ event.event }}: {{ event.payload.folder }} (run folder {{ event.payload.run_folder }}, flow run "
             "{{ event.payload.flow_run_id }}, faces version {{ event.payload.faces_version }}, validation log p "
