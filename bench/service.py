@@ -18,6 +18,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMOTIONS = 10
+SWEEP_EPOCHS = 700  # the default training's length: the sweep that is timed trains as a default run does
 REPEATED_SWEEP_TARGET = 0.15
 ALERT_TARGET_SECONDS = 30.0
 
@@ -70,7 +71,7 @@ def concurrent_promotions(scratch: Path) -> dict[str, Any]:
 def rehearsal(scratch: Path) -> dict[str, Any]:
     """tests/test_rehearsal.py in a child pytest; its figures, as it wrote them."""
     figures = scratch / "rehearsal.json"
-    env = os.environ | {"FACEFLOW_REHEARSAL_FIGURES": str(figures)}
+    env = os.environ | {"FACEFLOW_REHEARSAL_FIGURES": str(figures), "FACEFLOW_REHEARSAL_EPOCHS": str(SWEEP_EPOCHS)}
     done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_rehearsal.py", "-p", "no:randomly", "-q"],
                           cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if done.returncode != 0:

@@ -7,7 +7,8 @@ with the face store, the result storage and the registry, Redis for the cache's 
 `dask scheduler`.
 
 `make rehearsal` runs this test alone and prints its figures; with FACEFLOW_REHEARSAL_FIGURES
-set to a file, the figures are also written there as JSON (`make bench` reads them).
+set to a file, the figures are also written there as JSON (`make bench` reads them, and sets
+FACEFLOW_REHEARSAL_EPOCHS to time sweeps of default-length trainings).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from support import (
 from test_ui import wait_for_triggered_run
 
 FIGURES_VARIABLE = "FACEFLOW_REHEARSAL_FIGURES"
+EPOCHS_VARIABLE = "FACEFLOW_REHEARSAL_EPOCHS"
 UPSTREAM = ("split_faces", "fit_pca", "build_dataloader")  # fetch reads the faces version on every run, by design
 
 
@@ -108,8 +110,10 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def sweep_spec(shared: Path) -> Path:
+    """Two configurations; each trains FACEFLOW_REHEARSAL_EPOCHS epochs (300: enough to check, the bench's 700 to time)."""
+    epochs = int(os.environ.get(EPOCHS_VARIABLE, "300"))
     spec = {
-        "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 300, "hidden_units": 64},
+        "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": epochs, "hidden_units": 64},
                  "output_dir": str(shared / "sweep-outputs")},
         "grid": {"train.learning_rate": [0.003, 0.005]},
     }
@@ -185,13 +189,20 @@ def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path
         decisions = [m.finish(process, "retrain") for m, process in zip(machines, retrainings)]
         triggered = wait_for_triggered_run(a.ui.api_url, "weekly-retrain", timeout=120)
         assert wait_for_state(a.ui.api_url, triggered, {"Completed"}, timeout=600) == "Completed"
+        with client(a.ui.api_url) as prefect:
+            card = next(artifact for artifact in prefect.read_latest_artifacts() if artifact.key == "faceflow-faces")
+        # The dataset card of the triggered run: the version, who is new, and two figures (images
+        # per person, the new faces).
+        assert "Faces version 2" in card.data and "New people (1): mirror-00" in card.data
+        assert card.data.count("data:image/png;base64,") == 2
 
         # A retraining that fails (no validation faces to judge on) is alerted, naming its flow run.
         failing = a.start(faceflow("retrain", "--validation-fraction", "0", "--json"), "failing")
         assert failing.wait(timeout=300) == 1
         failed = [run for run in retrain_runs(a.ui.api_url) if run.state.name == "Failed"]
         assert len(failed) == 1
-        posted, _ = receiver.wait_for(str(failed[0].id), "Failed", "validation_fraction must be above 0", timeout=60)
+        posted, _ = receiver.wait_for(str(failed[0].id), "Failed", "validation_fraction must be above 0",
+                                      f"{a.ui.url}/runs/flow-run/{failed[0].id}", timeout=60)  # with its page in the UI
         figures["failed run -> alert seconds"] = posted - failed[0].state.timestamp.timestamp()
         receiver.wait_for("faceflow.champion.promoted", timeout=60)  # and the promotions were announced
 
@@ -201,6 +212,7 @@ def test_two_machines_share_one_server_store_registry_cache_and_cluster(tmp_path
         assert len(runs) == 3 and {run.state.name for run in runs} == {"Completed"}
         rows = json.loads((shared / "models" / "leaderboard.json").read_text())
         assert len(rows) == 3, rows
+        assert ingested["version"]["id"] in {r["faces version"] for r in rows}  # the triggered one trained on it
         assert sum(d["promoted"] for d in decisions) >= 1  # the first to finish promoted against no champion
         history = a.finish(a.start(faceflow("champion", "--history", "--json"), "history"), "history")
         assert len([c for c in history if c["current"]]) == 1
