@@ -8,7 +8,7 @@ with the face store, the result storage and the registry, Redis for the cache's 
 
 `make rehearsal` runs this test alone and prints its figures; with FACEFLOW_REHEARSAL_FIGURES
 set to a file, the figures are also written there as JSON (`make bench` reads them, and sets
-FACEFLOW_REHEARSAL_EPOCHS to time sweeps of default-length trainings).
+FACEFLOW_REHEARSAL_EPOCHS to time a sweep of bench/sweeps.py's length).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def sweep_spec(shared: Path) -> Path:
-    """Two configurations; each trains FACEFLOW_REHEARSAL_EPOCHS epochs (300: enough to check, the bench's 700 to time)."""
+    """Two configurations; each trains FACEFLOW_REHEARSAL_EPOCHS epochs (300: enough to check; the bench times 2500)."""
     epochs = int(os.environ.get(EPOCHS_VARIABLE, "300"))
     spec = {
         "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": epochs, "hidden_units": 64},
