@@ -7,12 +7,12 @@
   ``faceflow.champion.rolled-back`` events (tasks/steps.py) send one naming the champion and why;
 - "faceflow: runs whose heartbeats stopped are crashed": Prefect's documented zombie-run
   automation, for the runs of faceflow's deployments (tag ``faceflow``): a Running flow run that
-  sends no heartbeat (``prefect.flow-run.heartbeat``) and no final state within two heartbeat
-  intervals is set Crashed, and so alerts like any crash.
+  sends no heartbeat (``prefect.flow-run.heartbeat``) and no final state within three heartbeat
+  intervals (Prefect's documented window) is set Crashed, and so alerts like any crash.
 
 Notifications go to the Prefect notification block named by FACEFLOW_ALERT_BLOCK
-(``<block-type-slug>/<block-name>``). Unset, the two notification automations exist but are
-disabled, and their description says how to point them somewhere.
+(``<block-type-slug>/<block-name>``). Unset, the two notification automations are created
+disabled, their description saying how to point them somewhere; ones that exist are left as they are.
 
 Prefect is imported inside the functions: PREFECT_API_URL is only known once the server is up.
 """
@@ -34,7 +34,7 @@ CRASHED = "faceflow: runs whose heartbeats stopped are crashed"
 NAMES = (FAILED, CHAMPION_CHANGED, CRASHED)
 ALERTED_FLOWS = ["faceflow-retrain", "faces-sweep"]  # the flows' names (flows/retrain.py, flows/sweep.py)
 DEPLOYMENT_TAG = "faceflow"  # prefect.yaml gives every deployment (and so each of its runs) this tag
-HEARTBEATS_BEFORE_CRASHED = 2  # a run is Crashed once this many heartbeat intervals pass without one
+HEARTBEATS_BEFORE_CRASHED = 3  # a run is Crashed once this many heartbeat intervals pass without one
 UNSET = (f"Disabled: alerts go nowhere until {ALERT_BLOCK_VARIABLE} names a Prefect notification block "
          "(<block-type-slug>/<block-name>, e.g. custom-webhook/faceflow-alerts) and `faceflow ui` is started again; "
          "see docs/operations.md, Alerts.")
@@ -149,14 +149,20 @@ def automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> l
 
 
 def ensure_automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> list[Automation]:
-    """Create each automation, or update the one of its name (and delete any duplicate of it): idempotent."""
+    """Create each automation, or update the one of its name (and delete any duplicate of it): idempotent.
+
+    Without a block, a notification automation that exists is left as it is: another machine's
+    `make ui` (or an earlier one) may have pointed it at a block, and this one must not silence it.
+    """
     from prefect.client.orchestration import get_client
 
     done = []
     with get_client(sync_client=True) as client:
         for automation in automations(block_id, ui_url, heartbeat_seconds):
             existing = client.read_automations_by_name(automation.name)
-            if existing:
+            if existing and block_id is None and automation.name != CRASHED:
+                done.append(existing[0])
+            elif existing:
                 automation.id = existing[0].id
                 automation.update()
                 for duplicate in existing[1:]:

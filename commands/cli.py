@@ -135,7 +135,7 @@ def _on_a_server(command: str, start_timeout: float, work: Callable[[str], dict[
         raise typer.Exit(code=1) from None
 
 
-def _refuse_bad_input(config: FaceflowConfig) -> float:
+def _refuse_bad_input(config: FaceflowConfig, command: str = "run") -> float:
     """Check the data file, the output folder and the settings before any server or flow starts.
 
     Returns the server start timeout; exits with status 2 and one line naming what is wrong.
@@ -148,7 +148,7 @@ def _refuse_bad_input(config: FaceflowConfig) -> float:
         _check_faces_version(config, data_file)
         return server_start_timeout()
     except (DataFileError, OutputFolderError, SettingError, FacesVersionError, StoreError) as error:
-        typer.echo(f"faceflow run refused: {error}", err=True)
+        typer.echo(f"faceflow {command} refused: {error}", err=True)
         raise typer.Exit(code=2) from None
 
 
@@ -208,7 +208,11 @@ def retrain(**options: Any) -> None:
     if options["validation_fraction"] is None:
         options["validation_fraction"] = RETRAIN_VALIDATION_FRACTION  # promotion compares validation faces
     config = _validated_config(options)
-    start_timeout = _refuse_bad_input(config)
+    if config.data.validation_fraction <= 0:
+        typer.echo("faceflow retrain refused: data.validation_fraction (--validation-fraction) must be above 0: "
+                   "a challenger is judged on its validation faces", err=True)
+        raise typer.Exit(code=2)
+    start_timeout = _refuse_bad_input(config, "retrain")
 
     def work(api_url: str) -> dict[str, Any]:
         from commands.runner import run_retrain

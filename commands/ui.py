@@ -225,8 +225,8 @@ def set_up_alerts(block_id, ui_url: str) -> None:
     """faceflow's automations (commands/alerts.py), created or updated by name; one line when alerts go nowhere."""
     from commands.alerts import ensure_automations
 
-    ensure_automations(block_id, ui_url, heartbeat_seconds())
-    if block_id is None:
+    done = ensure_automations(block_id, ui_url, heartbeat_seconds())
+    if not all(automation.enabled for automation in done):
         print(f"alerts go nowhere until {ALERT_BLOCK_VARIABLE} names a notification block (docs/operations.md, Alerts)",
               flush=True)
 

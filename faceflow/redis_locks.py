@@ -49,10 +49,15 @@ class ExpiringRedisLockManager(RedisLockManager):
     def release_lock(self, key: str, holder: str) -> None:
         try:
             super().release_lock(key, holder)
-        except LockNotOwnedError:  # expired: gone, or taken by another run since
+        except LockNotOwnedError:  # expired: gone, or taken by another process since
             self._locks.pop(self._lock_name_for_key(key), None)
-            logger.warning("The cache lock of %s expired before its step finished (%s=%g): another run may have "
-                           "computed the step too", key, LOCK_SECONDS_VARIABLE, self.hold_seconds)
+            self._warn_expired(key)
+        except ValueError:  # expired and taken since by another thread of this process: its lock, left be
+            self._warn_expired(key)
+
+    def _warn_expired(self, key: str) -> None:
+        logger.warning("The cache lock of %s expired before its step finished (%s=%g): another run may have "
+                       "computed the step too", key, LOCK_SECONDS_VARIABLE, self.hold_seconds)
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until no one holds ``key``'s lock, without taking it.

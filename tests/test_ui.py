@@ -98,6 +98,9 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
     set_up_alerts_again(ui.api_url, block)
     automations = automations_by_name(ui.api_url)
     assert {name: [a.enabled for a in automations[name]] for name in NAMES} == {name: [True] for name in NAMES}
+    set_up_alerts_again(ui.api_url, None)  # another machine's make ui without the variable silences nothing
+    automations = automations_by_name(ui.api_url)
+    assert {name: [a.enabled for a in automations[name]] for name in NAMES} == {name: [True] for name in NAMES}
     assert "alerts go nowhere" not in ui.output.read_text()
     record = json.loads((ui.home / SERVER_RECORD).read_text())
     assert record["api_url"] == ui.api_url
