@@ -19,7 +19,7 @@ from tasks.data import FacesVersionError
 from tasks.store import StoreError
 from artifacts.run_folder import OutputFolderError, check_output_folder
 from artifacts.tables import json_safe
-from faceflow.config import FaceflowConfig
+from faceflow.config import RETRAIN_VALIDATION_FRACTION, FaceflowConfig
 from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
@@ -227,9 +227,6 @@ def retrain(**options: Any) -> None:
     typer.echo(f"challenger: {summary['challenger']['run folder']}")
 
 
-RETRAIN_VALIDATION_FRACTION = 0.1  # flows/retrain.py's RETRAIN_CONFIG, without importing the flow here
-
-
 def _config_signature(with_json: bool) -> inspect.Signature:
     parameters = []
     for path, info in config_fields():
@@ -400,15 +397,11 @@ def rollback(
     """Make an earlier champion current again; the leaderboard records who and why."""
     import getpass
 
-    from tasks.registry import leaderboard, rollback as roll_back
-
     def work(alias: Any) -> dict[str, Any]:
-        from tasks.steps import CHAMPION_ROLLED_BACK, announce_champion
+        from tasks.steps import roll_back_champion
 
-        who = getpass.getuser()
-        chosen = roll_back(models_dir(), alias, to, who, reason, stale=_stale)
-        # The event (and with it the "champion changed" alert) is sent before the command's server stops.
-        announce_champion(CHAMPION_ROLLED_BACK, chosen.folder, chosen.record, leaderboard(models_dir())[-1]["why"], who=who)
+        # Its event (and with it the "champion changed" alert) is sent before the command's server stops.
+        chosen, _ = roll_back_champion(to, getpass.getuser(), reason)
         return {"folder": chosen.folder} | chosen.record.to_json()
 
     done = _on_the_registry("champion rollback", work)

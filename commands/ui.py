@@ -99,9 +99,9 @@ def online_workers(pool: str = WORK_POOL) -> set[str]:
 def start_worker(name: str) -> subprocess.Popen:
     """`prefect worker start` for the pool, in its own session (we stop it, in order), its output on ours.
 
-    Its flow runs send a heartbeat every ``heartbeat_seconds()``, which the crash automation watches.
+    Its flow runs send heartbeats as the pool's job template says (ensure_work_pool).
     """
-    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS, HEARTBEAT_VARIABLES[0]: str(heartbeat_seconds())}
+    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS}
     return subprocess.Popen(
         tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", name]),
         env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -221,14 +221,15 @@ def watch(worker: Worker, server: subprocess.Popen | None) -> None:
         time.sleep(1.0)
 
 
-def set_up_alerts(block_id, ui_url: str) -> None:
-    """faceflow's automations (commands/alerts.py), created or updated by name; one line when alerts go nowhere."""
+def set_up_alerts(block_id, ui_url: str) -> bool:
+    """faceflow's automations (commands/alerts.py), created or updated by name; whether alerts go somewhere (a line if not)."""
     from commands.alerts import ensure_automations
 
-    done = ensure_automations(block_id, ui_url, heartbeat_seconds())
-    if not all(automation.enabled for automation in done):
+    notifying = all(automation.enabled for automation in ensure_automations(block_id, ui_url, heartbeat_seconds()))
+    if not notifying:
         print(f"alerts go nowhere until {ALERT_BLOCK_VARIABLE} names a notification block (docs/operations.md, Alerts)",
               flush=True)
+    return notifying
 
 
 def serve_ui(port: int, start_timeout: float) -> None:
@@ -258,7 +259,7 @@ def serve_ui(port: int, start_timeout: float) -> None:
         print(f"creating work pool {WORK_POOL!r} and deploying prefect.yaml ...", flush=True)
         ensure_work_pool()
         deploy_all()
-        set_up_alerts(block_id, ui_url)
+        notifying = set_up_alerts(block_id, ui_url)
         if DATA_FILE_VARIABLE not in os.environ:
             print(f"warning: {DATA_FILE_VARIABLE} is not set: runs from the UI will try scikit-learn's download", flush=True)
         worker = stack.enter_context(running_worker(server, start_timeout))
@@ -266,7 +267,8 @@ def serve_ui(port: int, start_timeout: float) -> None:
             f"\nfaceflow UI: {ui_url}\n"
             f"  deployments: {', '.join(deployment_names())}; a worker is online in pool {WORK_POOL!r}\n"
             f"  faceflow run with PREFECT_HOME={home} uses this server\n"
-            f"  alerts: {os.environ.get(ALERT_BLOCK_VARIABLE) if block_id else 'nowhere'}; a deployment run without a heartbeat "
+            f"  alerts: {os.environ.get(ALERT_BLOCK_VARIABLE) or 'as another machine set them' if notifying else 'nowhere'}; "
+            "a deployment run without a heartbeat "
             f"for {HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds()} s is marked Crashed\n"
             "  Ctrl-C stops the worker, its flow runs and the server\n",
             flush=True,

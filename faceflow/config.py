@@ -26,6 +26,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Promotion compares validation log p, so a retraining keeps a tenth of the faces for validation.
+RETRAIN_VALIDATION_FRACTION = 0.1
+
+
 class DataConfig(_Section):
     """Where the faces come from and how they are split."""
 

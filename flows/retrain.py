@@ -15,7 +15,7 @@ from pydantic import Field
 from artifacts.publish import publish_markdown
 from artifacts.rankings import leaderboard_markdown
 from faceflow.interrupts import defer_during_imports
-from faceflow.config import DataConfig, FaceflowConfig
+from faceflow.config import RETRAIN_VALIDATION_FRACTION, DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
@@ -28,8 +28,7 @@ from tasks.registry import leaderboard
 from tasks.steps import promote_champion, score_champion
 from tasks.store import FaceStore
 
-# Promotion compares validation log p, so a retraining run keeps validation faces (a tenth of them).
-RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_fraction=0.1))
+RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_fraction=RETRAIN_VALIDATION_FRACTION))
 
 
 @dataclass(frozen=True)

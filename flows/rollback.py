@@ -8,12 +8,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from faceflow.settings import faces_dir, models_dir
+from faceflow.settings import models_dir
 from flows.retrain import publish_leaderboard
-from tasks.forgetting import stale_reason
-from tasks.registry import leaderboard, rollback
-from tasks.steps import CHAMPION_ROLLED_BACK, ChampionVariable, announce_champion
-from tasks.store import FaceStore
+from tasks.registry import leaderboard
+from tasks.steps import roll_back_champion
 
 
 @flow(name="faceflow-rollback")
@@ -23,12 +21,7 @@ def faceflow_rollback(
                                                 "flow run id; empty for the one promoted before the current one.")] = None,
 ) -> dict[str, Any]:
     """Make an earlier champion current again (`faceflow champion --history` lists them), as one registry transaction."""
-    store = FaceStore(faces_dir())
-    who = f"deployment run {flow_run.name or 'in-process'}"
-    chosen = rollback(models_dir(), ChampionVariable(), to or None, who, reason,
-                      stale=lambda record: stale_reason(store, record.faces_version))
-    rows = leaderboard(models_dir())
-    announce_champion(CHAMPION_ROLLED_BACK, chosen.folder, chosen.record, rows[-1]["why"], who=who)
-    publish_leaderboard(rows, rows[-1]["why"])  # the leaderboard, and the rollback's row as this run's decision
+    chosen, row = roll_back_champion(to or None, f"deployment run {flow_run.name or 'in-process'}", reason)
+    publish_leaderboard(leaderboard(models_dir()), row["why"])  # the leaderboard, and the rollback's row as this run's decision
     get_run_logger().info(f"champion: {chosen.folder} (from {chosen.record.run_folder})")
     return {"folder": chosen.folder} | chosen.record.to_json()

@@ -123,8 +123,10 @@ def champions(models: Path) -> list[Champion]:
     return sorted(found, key=lambda c: (c.record.promoted_at, c.folder))
 
 
-def rollback(models: Path, alias: Alias, to: str | None, who: str, why: str, stale: Any = None) -> Champion:
+def rollback(models: Path, alias: Alias, to: str | None, who: str, why: str, stale: Any = None) -> tuple[Champion, dict[str, Any]]:
     """Make an earlier champion current again (default: the one promoted before the current one); a leaderboard row says who and why.
+
+    Returns the champion now current and the leaderboard row written.
 
     ``to`` is a champion folder name or a prefix of it, or of its flow run id. ``stale(record)``
     returns why a champion may not be used (fitted on a forgotten person), or None.
@@ -160,7 +162,7 @@ def rollback(models: Path, alias: Alias, to: str | None, who: str, why: str, sta
                "transaction": uuid.uuid4().hex}
         _journal(models, {"kind": "rollback", "folder": chosen.folder, "record": record.to_json(), "row": row})
         _finish(models, chosen.folder, record, row, alias)
-        return Champion(chosen.folder, record, True)
+        return Champion(chosen.folder, record, True), row
 
 
 def check(models: Path, alias: Alias, repair: bool = True) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -23,8 +24,9 @@ from artifacts.publish import publish_figure, publish_markdown, publish_table
 from faceflow.caching import KEYED_INPUTS, cache_key
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
-from faceflow.settings import checkpoint_seconds, prefect_home
+from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
+from tasks.registry import Champion, promote, rollback
 from tasks.results import (
     Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, ReportInputs, RunReport,
     Scores, Split, TrainedFlow,
@@ -332,11 +334,24 @@ def announce_champion(event: str, folder: str, record: ChampionRecord, why: str,
     )
 
 
+def roll_back_champion(to: str | None, who: str, why: str) -> tuple[Champion, dict[str, Any]]:
+    """The registry's rollback on FACEFLOW_MODELS_DIR, with the Variable as alias, then its event: (champion, row).
+
+    A champion fitted on a forgotten person is refused (tasks.forgetting.stale_reason).
+    """
+    from tasks.forgetting import stale_reason
+    from tasks.store import FaceStore
+
+    store = FaceStore(faces_dir())
+    chosen, row = rollback(models_dir(), ChampionVariable(), to, who, why,
+                           stale=lambda record: stale_reason(store, record.faces_version))
+    announce_champion(CHAMPION_ROLLED_BACK, chosen.folder, chosen.record, row["why"], who=who)
+    return chosen, row
+
+
 @task(name="promote_champion", cache_policy=NO_CACHE)
 def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path) -> Path:
     """Make the challenger the champion: its folder, the link, the Variable and its leaderboard row, as one transaction."""
-    from tasks.registry import promote
-
     installed = promote(run_folder, record, row, models, ChampionVariable())
     announce_champion(CHAMPION_PROMOTED, installed.name, record, str(row.get("why") or ""),
                       who=f"flow run {flow_run.name}" if flow_run.name else None)

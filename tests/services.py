@@ -63,7 +63,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not answer PING within {self.start_timeout:g} s:\n{self.log()}")
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval of the bounded wait for PONG
 
     def answers_ping(self) -> bool:
         """Whether the server answers PING with PONG (RESP, over a plain socket)."""

@@ -36,8 +36,10 @@ FLOW_PROGRAM = textwrap.dedent("""
     @task(cache_policy=KEYED_INPUTS, persist_result=True)
     def doubled(number: int) -> int:
         (folder / f"computing-{{os.getpid()}}").touch()
-        while not (folder / "go").exists():
-            time.sleep(0.05)  # the step's work: it lasts until the test has looked at Redis
+        deadline = time.monotonic() + 300
+        while not (folder / "go").exists():  # the step's work: it lasts until the test has looked at Redis
+            assert time.monotonic() < deadline, "the test never wrote go"
+            time.sleep(0.05)  # poll interval of the bounded wait for the file "go"
         return 2 * number
 
     @flow
@@ -50,12 +52,12 @@ FLOW_PROGRAM = textwrap.dedent("""
 
 # Takes a step's lock as Prefect's Transaction.begin does (no hold timeout), then works until killed.
 HOLDER_PROGRAM = textwrap.dedent("""
-    import sys, time
+    import signal, sys
     sys.path.insert(0, {repo!r})
     from faceflow.caching import KEYED_INPUTS
     assert KEYED_INPUTS.lock_manager.acquire_lock(sys.argv[1], holder="a run that dies")
     print("held", flush=True)
-    time.sleep(60)  # the step's work: the test kills the process long before
+    signal.pause()  # the step's work, until the test's SIGKILL
 """).format(repo=str(REPO_ROOT))
 
 
@@ -69,7 +71,7 @@ def wait_until(condition: Callable[[], object], processes: list[subprocess.Popen
                                      f"{process.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"not {what} within {timeout} s")
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval of the bounded wait
     return value
 
 
