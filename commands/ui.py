@@ -6,8 +6,8 @@ deploys every deployment in prefect.yaml with Prefect's own `prefect deploy`, st
 in progress included, when it is interrupted or terminated. While it runs, `faceflow run` with
 the same PREFECT_HOME finds its server through the record file it leaves there.
 
-It also creates faceflow's alert automations (commands/alerts.py), gives its worker's flow runs
-a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 unless set) so that a run whose
+It also creates faceflow's alert automations (commands/alerts.py), gives the pool's flow runs
+(through its job template) a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 unless set) so that a run whose
 process died is marked Crashed, and restarts a worker that exits by itself (at most
 MAX_WORKER_RESTARTS within RESTART_WINDOW_SECONDS); a server that exits stops everything.
 
