@@ -1,7 +1,8 @@
 """`make bench`: one run, one machine, every figure side by side; prints tables, writes JSON.
 
 `python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes);
-`python -m bench --only service` the several-machine rehearsal and concurrent promotions (bench/service.py, about 3).
+`python -m bench --only service` the several-machine rehearsal and concurrent promotions (bench/service.py, about 4);
+`python -m bench --only flows` the runs' speed, caching, sweeps and memory.
 """
 
 from __future__ import annotations
@@ -106,17 +107,18 @@ def main() -> None:
     answer_ctrl_c_again()  # the bench ends runs and `faceflow ui` with SIGINT, as a terminal's Ctrl-C would
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
-    parser.add_argument("--only", choices=["store", "service"],
-                        help="Only one part: store = the face store's ingest speed, growth, memory and event latency; "
+    parser.add_argument("--only", choices=["flows", "store", "service"],
+                        help="Only one part: flows = speed, caching, sweeps and memory of runs (no quality tables); "
+                             "store = the face store's ingest speed, growth, memory and event latency; "
                              "service = the several-machine rehearsal and concurrent promotions.")
     arguments = parser.parse_args()
     data_file = data_file_from_environment() or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat"
     report: dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine()}
 
-    if arguments.only is None:
+    if arguments.only in (None, "flows"):
         report |= flow_benchmarks(data_file)
-        if not arguments.skip_quality:
-            report |= quality_benchmarks(data_file)
+    if arguments.only is None and not arguments.skip_quality:
+        report |= quality_benchmarks(data_file)
     if arguments.only in (None, "store"):
         report |= store_benchmarks(data_file)
     if arguments.only in (None, "service"):
