@@ -56,6 +56,31 @@ def image_comparison_table(metrics: dict[str, float], baselines: pd.DataFrame) -
     return _flow_above(flow_row, baselines, IMAGE_SPACE_COLUMNS)
 
 
+def generalisation_table(metrics: dict[str, float]) -> pd.DataFrame:
+    """The flow's log p of the faces it was fitted on, of new images of those people, and of new people.
+
+    Side by side, so the memorisation gap (fit - held-out) and the gap to people it never saw
+    (held-out - new people) can be read off, in PCA coordinates and in pixels.
+    """
+    parts = [("fit faces", "fit"), ("held-out images of known people", "heldout"), ("every image of new people", "new_people")]
+    fit, fit_image = metrics["fit_log_prob"], metrics["fit_image_log_prob"]
+    return pd.DataFrame([
+        {"faces": label, "log_prob": metrics[f"{key}_log_prob"], "below_fit": fit - metrics[f"{key}_log_prob"],
+         "image_log_prob": metrics[f"{key}_image_log_prob"], "image_below_fit": fit_image - metrics[f"{key}_image_log_prob"]}
+        for label, key in parts
+    ])
+
+
+def _generalisation_line(metrics: dict[str, float]) -> str:
+    fit, heldout, new = (metrics[f"{key}_log_prob"] for key in ("fit", "heldout", "new_people"))
+    return (
+        f"Generalisation: the flow scores its fit faces {format_nats(fit)}, new images of the same people "
+        f"{format_nats(heldout)} and people it never saw {format_nats(new)} nats per face: "
+        f"{format_nats(fit - heldout)} nats of memorisation (fit - held-out), then {format_nats(heldout - new)} more "
+        "to new people (held-out - new people)."
+    )
+
+
 def _flow_above(flow_row: dict[str, object], baselines: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
     """The flow's row, then the baselines' ``columns`` (those they have)."""
     return pd.concat([pd.DataFrame([flow_row]), baselines[[name for name in columns if name in baselines.columns]]], ignore_index=True)
@@ -77,6 +102,7 @@ def conclusions(metrics: dict[str, float], baselines: pd.DataFrame) -> list[str]
             else f"The comparison with the {row.method} is undefined: a log p is not finite."
         )
     lines.append(_new_people_line(metrics, baselines))
+    lines.append(_generalisation_line(metrics))
     if "heldout_image_log_prob" in metrics:
         lines.append(_image_space_line(metrics))
     if "lab recipe" not in set(baselines["method"]):
@@ -175,6 +201,9 @@ def report_markdown(
         "flow and baselines altogether. The first table is in PCA coordinates; the second (`image`) "
         "is of the 4096 pixels, the PCA residual scored as an isotropic Gaussian (probabilistic PCA).",
         "## Model quality\n\n" + table + ("\n\n" + details if details else ""),
+        "## Generalisation\n\nThe flow's log p (nats per face) of the faces it was fitted on, of new images of "
+        "those people, and of every image of people left out of PCA and flow; `below_fit` is how far each lies "
+        "below the fit faces (fit - held-out is the memorisation gap):\n\n" + markdown_table(generalisation_table(metrics)),
         f"![{FIGURE_CAPTIONS['samples']}]({image_links['samples']})",
         f"![{FIGURE_CAPTIONS['interpolation']}]({image_links['interpolation']})",
         f"![{FIGURE_CAPTIONS['loss']}]({image_links['loss']})",

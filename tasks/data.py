@@ -240,9 +240,13 @@ def new_people_of_fold(config: DataConfig, fold: int, n_people: int) -> list[int
     return sorted(int(person) for person in order[fold * size : (fold + 1) * size])
 
 
-def new_people_split(faces: Labelled, config: DataConfig, people: list[int]) -> Split:
-    """The run's split without ``people``; their every image becomes the held-out part."""
-    known = split_indices(faces, config)
+def new_people_split(faces: Labelled, config: DataConfig, people: list[int], tuning: bool = False) -> Split:
+    """The run's split without ``people``; their every image becomes the held-out part.
+
+    With ``tuning``, the tuning split's (tuning_split_indices) instead: the held-out images of the
+    people who stay are dropped too, so a new-people validation fold never reads a test image.
+    """
+    known = (tuning_split_indices if tuning else split_indices)(faces, config)
     new = np.isin(faces.target, people)
     parts = [part[~new[part]] for part in (known.fit, known.validation)]
     heldout = np.flatnonzero(new)

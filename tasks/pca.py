@@ -109,10 +109,12 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
         pca = leading_part(leading, chosen)
     coords = pca.transform(faces.flat).astype(np.float32)
     residual_squared = squared_residuals(pca, faces.flat)
+    mirror_coords = mirrored_coordinates(pca, faces.images)
     return FittedPCA(
         key=content_key("pca", faces, split, config),
         estimator=estimator_bytes(pca),
         coords=coords,
+        mirror_coords=mirror_coords,
         cumulative_variance=cumulative,
         variance_target=config.variance,
         components_for_target=from_target,
@@ -120,6 +122,20 @@ def fit_pca_on(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
         residual_variance=residual_variance(residual_squared[split.fit], faces.flat.shape[1] - chosen),
         n_pixels=int(faces.flat.shape[1]),
     )
+
+
+def mirrored_coordinates(pca: PCA, images: np.ndarray) -> np.ndarray:
+    """float32 PCA coordinates of every face mirrored left to right, in blocks of ROWS_PER_BLOCK faces.
+
+    A mirrored face is as plausible a face as the original (faces are near-symmetric, lighting
+    and pose are not): training on both is augmentation that teaches the flow about faces rather
+    than about the fitted people (docs/quality.md).
+    """
+    coords = np.empty((len(images), pca.n_components_), dtype=np.float32)
+    for start in range(0, len(images), ROWS_PER_BLOCK):
+        block = np.ascontiguousarray(images[start : start + ROWS_PER_BLOCK, :, ::-1]).reshape(-1, images[0].size)
+        coords[start : start + ROWS_PER_BLOCK] = pca.transform(block)
+    return coords
 
 
 def squared_residuals(pca: PCA, pixels: np.ndarray) -> np.ndarray:

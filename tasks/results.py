@@ -72,6 +72,7 @@ class FittedPCA:
     key: str
     estimator: bytes  # the fitted scikit-learn PCA as joblib bytes: pca.joblib (tasks.pca.load_estimator)
     coords: np.ndarray  # (400, n_components) float32, as its transform returns them
+    mirror_coords: np.ndarray  # (400, n_components) float32: the same of each face mirrored left to right
     cumulative_variance: np.ndarray  # of the full-rank PCA on the fit part
     variance_target: float
     components_for_target: int  # before the power-of-two rounding

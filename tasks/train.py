@@ -100,10 +100,13 @@ def face_loader(coords: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
 
 
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
-    """What the DataLoader serves: the fit faces' coordinates, batch size from config, seeded shuffling."""
+    """What the DataLoader serves: the fit faces' coordinates (and their mirror images'), batch size from config, seeded shuffling."""
+    fit = pca.coords[split.fit]
+    if config.mirror:
+        fit = np.concatenate([fit, pca.mirror_coords[split.fit]])
     return FaceBatches(
-        key=content_key("batches", pca, split, config.batch_size, seed),
-        fit=np.ascontiguousarray(pca.coords[split.fit]),
+        key=content_key("batches", pca, split, config.batch_size, config.mirror, seed),
+        fit=np.ascontiguousarray(fit),
         validation=np.ascontiguousarray(pca.coords[split.validation]),
         batch_size=config.batch_size,
         seed=seed,

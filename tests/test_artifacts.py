@@ -11,7 +11,9 @@ import pytest
 
 from artifacts import figures
 from artifacts.run_folder import write_run_folder
-from artifacts.report import FIGURES, comparison_table, conclusions, image_comparison_table, markdown_table, report_markdown
+from artifacts.report import (
+    FIGURES, comparison_table, conclusions, generalisation_table, image_comparison_table, markdown_table, report_markdown,
+)
 from artifacts.tables import readable, readable_rows
 
 METRICS = {
@@ -20,7 +22,7 @@ METRICS = {
     "sample_nearest_distance_median": 0.10, "heldout_nearest_distance_median": 0.08,
     "samples_closer_than_any_heldout": 0.0, "new_people_log_prob": -60.0, "new_people_count": 4.0, "new_people_folds": 1.0,
     "heldout_image_log_prob": 5300.0, "heldout_image_bits_per_pixel": -1.867, "new_people_image_log_prob": 5100.0,
-    "pca_residual_variance": 0.00185,
+    "pca_residual_variance": 0.00185, "fit_log_prob": -5.0, "fit_image_log_prob": 5500.0,
 }
 BASELINES = pd.DataFrame([
     {"method": "diagonal Gaussian", "heldout_log_prob": -56.0, "new_people_log_prob": -70.0, "bits_per_dim": 1.26,
@@ -68,6 +70,17 @@ def test_image_space_figures_are_a_second_narrow_table_beside_the_pca_space_one(
     assert report.index(pca_table) < report.index(image_table)
     line = next(line for line in conclusions(METRICS, BASELINES) if line.startswith("In image space"))
     assert "5300.00 nats per held-out face (-1.867 bits/pixel) and 5100.00 per new person's face" in line
+
+
+def test_the_report_sets_fit_held_out_and_new_people_side_by_side_with_the_gaps() -> None:
+    table = generalisation_table(METRICS)
+    assert table.faces.tolist() == ["fit faces", "held-out images of known people", "every image of new people"]
+    assert table.log_prob.tolist() == [-5.0, -40.0, -60.0] and table.below_fit.tolist() == [0.0, 35.0, 55.0]
+    assert table.image_below_fit.tolist() == [0.0, 200.0, 400.0]
+    report = report_markdown(METRICS, comparison_table(METRICS, BASELINES), [], {name: name for name in FIGURES}, "run-x")
+    assert "## Generalisation" in report and markdown_table(table) in report
+    line = next(line for line in conclusions(METRICS, BASELINES) if line.startswith("Generalisation"))
+    assert "35.00 nats of memorisation (fit - held-out), then 20.00 more to new people" in line
 
 
 def test_non_finite_log_prob_is_shown_not_crashed_on() -> None:

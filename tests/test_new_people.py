@@ -54,3 +54,25 @@ def test_evaluation_scores_every_image_of_each_new_person(faces) -> None:
     assert result.baseline_log_prob("Gaussian KDE") == pytest.approx(
         np.mean([fold.baseline_log_prob["Gaussian KDE"] for fold in result.folds])
     )
+
+
+def test_tuning_new_people_folds_share_no_person_with_the_fit_faces_and_read_no_held_out_image(faces) -> None:
+    """The quality bench's new-people validation folds (bench/quality.py) and confirmation folds."""
+    from bench.quality import Part, part_split, parts
+    from tasks.data import tuning_split_indices
+
+    TARGET = faces.target
+    new_parts = [part for part in parts() if part.kind == "new"]
+    assert {(part.stage, part.split_seed) for part in new_parts} == {("tuning", 0), ("tuning", 1), ("tuning", 2), ("confirmation", 10)}
+    for part in new_parts:
+        split, people = part_split(faces, part)
+        fitted = np.concatenate([split.fit, split.validation])
+        assert len(people) == 4 and not np.isin(TARGET[fitted], people).any()
+        assert sorted(split.heldout.tolist()) == np.flatnonzero(np.isin(TARGET, people)).tolist()
+        if part.stage == "tuning":  # fitted on the tuning split's training images: no held-out or judge image is read
+            tuning = tuning_split_indices(faces, DataConfig(split_seed=part.split_seed))
+            assert np.isin(fitted, np.concatenate([tuning.fit, tuning.validation])).all()
+    # The folds of one split hold disjoint people, 20 of the 40.
+    folds = [part_split(faces, part)[1] for part in new_parts if part.split_seed == 0]
+    assert len({person for fold in folds for person in fold}) == 20
+    assert part_split(faces, Part("tuning", "known", 0))[1] == []

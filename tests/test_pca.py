@@ -65,3 +65,20 @@ def test_above_the_exact_limit_a_randomized_pca_keeps_the_same_count_and_nearly_
     kept = np.linalg.norm(exact_basis[:32] @ randomized_basis.T, axis=1)
     assert kept.min() > 0.99
     np.testing.assert_allclose(randomized.residual_variance, exact.residual_variance, rtol=1e-2)
+
+
+def test_mirror_coordinates_are_the_pca_of_each_face_flipped_left_to_right_and_train_beside_the_fit_faces(faces) -> None:
+    from faceflow.config import TrainConfig
+    from tasks.train import make_batches
+
+    split = split_indices(faces, DataConfig())
+    fitted = fit_pca_on(faces, split, PCAConfig())
+    flipped = faces.images[:, :, ::-1].reshape(len(faces.images), -1)  # columns reversed: left and right swap
+    np.testing.assert_allclose(fitted.mirror_coords, load_estimator(fitted).transform(flipped), atol=1e-4)
+    assert not np.allclose(fitted.mirror_coords, fitted.coords, atol=1e-2)  # not the faces themselves
+    plain = make_batches(fitted, split, TrainConfig(mirror=False), seed=0)
+    mirrored = make_batches(fitted, split, TrainConfig(mirror=True), seed=0)
+    assert np.array_equal(plain.fit, fitted.coords[split.fit])
+    # The fit faces and their mirror images, nothing of the validation or held-out faces.
+    assert np.array_equal(mirrored.fit, np.concatenate([fitted.coords[split.fit], fitted.mirror_coords[split.fit]]))
+    assert np.array_equal(mirrored.validation, plain.validation) and mirrored.key != plain.key
