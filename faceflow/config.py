@@ -100,15 +100,15 @@ class PCAConfig(_Section):
 class TrainConfig(_Section):
     """RealNVP architecture and optimisation."""
 
-    epochs: int = Field(700, ge=1, le=100_000, description="Passes over the training faces.")
+    epochs: int = Field(300, ge=1, le=100_000, description="Passes over the training faces (and their mirror images).")
     batch_size: int = Field(
         512, ge=1, le=4096,
-        description="Faces per optimisation step; 512 holds every fit face of the Olivetti version (about 320), "
-        "so each epoch is one full batch there (steps cost little more than at 32).",
+        description="Faces per optimisation step; the Olivetti version's fit faces and their mirror images (about 640) "
+        "make two batches of 512 an epoch (steps cost little more than at 32).",
     )
     learning_rate: float = Field(5e-3, gt=0.0, le=1.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="AdamW weight decay.")
-    num_layers: int = Field(4, ge=1, le=64, description="Affine coupling layers.")
+    num_layers: int = Field(5, ge=1, le=64, description="Affine coupling layers.")
     hidden_units: int = Field(256, ge=4, le=4096, description="Width of each coupling MLP.")
     input_noise: float = Field(
         0.4, ge=0.0, le=5.0, description="Gaussian noise std added to whitened training inputs."
@@ -122,7 +122,7 @@ class TrainConfig(_Section):
         1, ge=1, le=64, description="Independent noise draws of each face per step (a larger, smoother batch)."
     )
     mirror: bool = Field(
-        False,
+        True,
         description="Also train the flow on every fit face mirrored left to right (twice the faces per epoch): "
         "augmentation that helps most on people the flow never saw.",
     )
