@@ -2,7 +2,8 @@
 
 `python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes);
 `python -m bench --only service` the several-machine rehearsal and concurrent promotions (bench/service.py, about 4);
-`python -m bench --only flows` the runs' speed, caching, sweeps and memory.
+`python -m bench --only flows` the runs' speed, caching, sweeps and memory;
+`python -m bench --only quality` the model-quality protocol (bench/quality.py, about 12 minutes in 2 processes).
 """
 
 from __future__ import annotations

@@ -118,12 +118,12 @@ def fit_pca(faces: Faces, split: Split, config: PCAConfig) -> FittedPCA:
 
 @task(name="build_dataloader", **STEP)
 def build_dataloader(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
-    """Shuffled, seeded batches of the fit faces' PCA coordinates."""
+    """Shuffled, seeded batches of the fit faces' PCA coordinates, and their mirror images' (train.mirror)."""
     from tasks.train import make_batches
 
     batches = make_batches(pca, split, config, seed)
     publish_table("faceflow-dataloader", [{
-        "fit faces": len(batches.fit), "batch size": batches.batch_size, "batches per epoch": batches.batches_per_epoch,
+        "fit faces": len(split.fit), "mirror images": len(batches.fit) - len(split.fit), "batch size": batches.batch_size, "batches per epoch": batches.batches_per_epoch,
         "validation faces": len(batches.validation), "dimensions": pca.n_components, "shuffle seed": seed,
     }], "What each training epoch iterates")
     return batches
