@@ -85,10 +85,6 @@ def part_split(faces: Faces, part: Part) -> tuple[Split, list[int]]:
     return new_people_split(faces, data, people, tuning=tuning), people
 
 
-def _label(components: int | str) -> str:
-    return components if isinstance(components, str) else str(components)
-
-
 def score_part(faces: Faces, part: Part, lab_recipe: bool = True) -> list[dict]:
     """Flow(s) and baselines at every component count on one part: one row per model, PCA and image space.
 
@@ -103,7 +99,7 @@ def score_part(faces: Faces, part: Part, lab_recipe: bool = True) -> list[dict]:
         by_count: dict[int, list[dict]] = {}
         for components in (RULE, *COMPONENT_COUNTS):
             pca = fit_pca_on(faces, split, PCAConfig(n_components=None if components == RULE else components))
-            label = {"components": _label(components), "n_components": pca.n_components}
+            label = {"components": str(components), "n_components": pca.n_components}
             if components != RULE and pca.n_components in by_count and by_count[pca.n_components]:
                 rows += [row | label for row in by_count[pca.n_components]]  # the rule's models, already trained
                 continue
