@@ -201,7 +201,10 @@ def train_flow(
     loader_generator = loader.sampler.sampler.generator
     clean = fit[torch.isfinite(fit).all(1)]
     mean, std = clean.mean(0), clean.std(0)
-    spec = ModelSpec(dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units)
+    spec = ModelSpec(
+        dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units,
+        gaussian_weight=config.gaussian_weight,
+    )
 
     with seeded(seed):
         model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
@@ -211,7 +214,7 @@ def train_flow(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
     noise_scale = input_noise_scale(std, config)
     with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
-        model.log_prob(clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device))
+        model.flow_log_prob(clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device))
     # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
     averaged = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
@@ -249,7 +252,7 @@ def train_flow(
             if config.noise_draws > 1:
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn(batch.shape, generator=noise, device=device)
-            loss = -model.log_prob(batch).mean()
+            loss = -model.flow_log_prob(batch).mean()  # the flow alone: the Gaussian floor is fixed
             loss_value = loss.item()  # one read of the loss per step, for the check and the mean
             progress.steps += 1
             optimizer.zero_grad(set_to_none=True)

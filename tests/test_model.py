@@ -137,3 +137,31 @@ def test_an_older_checkpoint_format_asks_for_retraining(tmp_path: Path) -> None:
     torch.save({"format": "faceflow-realnvp/2", "state_dict": {}}, path)
     with pytest.raises(ValueError, match="model.pt.*faceflow-realnvp/2.*retrain"):
         load_checkpoint(path)
+
+
+def test_the_gaussian_floor_mixes_the_flow_with_the_fit_faces_diagonal_gaussian(tmp_path: Path) -> None:
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    weight = 0.2
+    flow = _model()
+    mixed = build_realnvp(ModelSpec(DIM, 3, 16, gaussian_weight=weight), np.zeros(DIM), np.ones(DIM))
+    mixed.load_state_dict(flow.state_dict())  # the same flow, whitening statistics included
+    mixed.eval()
+    x = torch.cat([torch.randn(8, DIM), 8 * torch.ones(1, DIM)])  # the last face is unlike any: the floor holds it
+    mean, std = np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM)
+    with torch.no_grad():
+        flow_log_p = flow.log_prob(x).double().numpy()
+        got = mixed.log_prob(x).double().numpy()
+        samples, sample_log_p = mixed.sample(16)
+        torch.testing.assert_close(sample_log_p, mixed.log_prob(samples))
+    gaussian = norm.logpdf(x.double().numpy(), mean, std).sum(1)
+    expected = logsumexp([flow_log_p + np.log1p(-weight), gaussian + np.log(weight)], axis=0)
+    assert np.isfinite(flow_log_p).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+    assert got[-1] >= gaussian[-1] + np.log(weight) - 1e-3 > flow_log_p[-1]
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_payload(mixed.state_dict(), ModelSpec(DIM, 3, 16, gaussian_weight=weight), {}))
+    restored, _ = load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.log_prob(x), mixed.log_prob(x))

@@ -183,3 +183,16 @@ def test_training_steps_are_the_loaders_batches() -> None:
     reordered = _batches(data, _correlated(16, 1), batch_size=16, seed=1)
     other = train_flow(reordered, config, seed=0)
     assert other.history.train_loss.tolist() != trained.history.train_loss.tolist()
+
+
+def test_training_fits_the_flow_alone_and_the_kept_model_carries_the_gaussian_floor() -> None:
+    no_validation = np.empty((0, 8), dtype=np.float32)
+    config = SMALL.model_copy(update={"epochs": 3, "gaussian_weight": 0.0})
+    alone = train_flow(_batches(_correlated(64, 0), no_validation), config, seed=2)
+    floored = train_flow(_batches(_correlated(64, 0), no_validation), config.model_copy(update={"gaussian_weight": 0.3}), seed=2)
+    assert floored.history.train_loss.tolist() == alone.history.train_loss.tolist()
+    faces = torch.from_numpy(_correlated(32, 1))
+    flow, mixed = trained_model(alone), trained_model(floored)
+    with torch.no_grad():
+        expected = torch.logaddexp(flow.log_prob(faces) + math.log(0.7), flow.gaussian_log_prob(faces) + math.log(0.3))
+        torch.testing.assert_close(mixed.log_prob(faces), expected)
