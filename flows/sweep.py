@@ -116,7 +116,7 @@ def _shared_upstream(configs: list[tuple[dict[str, Any], FaceflowConfig]], steps
             pca_key = split_key + config.pca.model_dump_json()
             if pca_key not in pcas:
                 pcas[pca_key] = steps.run(fit_pca, faces[data_key], splits[split_key], config.pca)
-            loader_key = f"{pca_key}{config.train.batch_size}:{config.seed}"
+            loader_key = f"{pca_key}{config.train.batch_size}:{config.train.mirror}:{config.seed}"
             if loader_key not in loaders:
                 loaders[loader_key] = steps.run(build_dataloader, pcas[pca_key], splits[split_key], config.train, config.seed)
         prepared.append(_Configuration(number, values, config, pcas[pca_key], splits[split_key], loaders[loader_key], version))
