@@ -18,7 +18,7 @@ from tasks.results import FaceBatches
 from tasks.train import make_optimizer, train_flow
 
 EQUAL_SHAPE = TrainConfig(
-    epochs=LAB_EPOCHS, batch_size=LAB_BATCH_SIZE, num_layers=LAB_LAYERS, hidden_units=LAB_HIDDEN, device="cpu"
+    epochs=LAB_EPOCHS, batch_size=LAB_BATCH_SIZE, num_layers=LAB_LAYERS, hidden_units=LAB_HIDDEN, members=1, device="cpu"
 )
 
 

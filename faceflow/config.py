@@ -108,7 +108,12 @@ class TrainConfig(_Section):
     )
     learning_rate: float = Field(5e-3, gt=0.0, le=1.0, description="AdamW peak learning rate.")
     weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="AdamW weight decay.")
-    num_layers: int = Field(5, ge=1, le=64, description="Affine coupling layers.")
+    num_layers: int = Field(3, ge=1, le=64, description="Affine coupling layers of each flow.")
+    members: int = Field(
+        2, ge=1, le=8,
+        description="Flows trained side by side from different initialisations, their densities averaged (an "
+        "ensemble); samples come from each in equal shares, latent walks from the first.",
+    )
     hidden_units: int = Field(256, ge=4, le=4096, description="Width of each coupling MLP.")
     input_noise: float = Field(
         0.4, ge=0.0, le=5.0, description="Gaussian noise std added to whitened training inputs."

@@ -54,7 +54,7 @@ def champion_samples(models_dir: Path, n: int, temperature: float, seed: int) ->
     """``n`` new faces (n, 64, 64) in [0, 1] drawn from the champion, no flow run needed."""
     model, pca = load_champion_model(models_dir)
     with seeded(seed), torch.no_grad():
-        model.q0.temperature = temperature
+        model.set_temperature(temperature)
         coords, _ = model.sample(n)
     pixels = pca.inverse_transform(coords.double().numpy())
     return np.clip(pixels, 0.0, 1.0).reshape(n, *IMAGE_SHAPE).astype(np.float32)

@@ -86,7 +86,7 @@ def draw_samples(
     """
     model = trained_model(trained)
     with seeded(seed), torch.no_grad():
-        model.q0.temperature = config.temperature
+        model.set_temperature(config.temperature)
         coords, _ = model.sample(config.n_samples)
     coords = coords.numpy()
     images = to_images(pca, coords)

@@ -203,7 +203,7 @@ def train_flow(
     mean, std = clean.mean(0), clean.std(0)
     spec = ModelSpec(
         dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units,
-        gaussian_weight=config.gaussian_weight,
+        gaussian_weight=config.gaussian_weight, members=config.members,
     )
 
     with seeded(seed):
@@ -252,7 +252,7 @@ def train_flow(
             if config.noise_draws > 1:
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn(batch.shape, generator=noise, device=device)
-            loss = -model.flow_log_prob(batch).mean()  # the flow alone: the Gaussian floor is fixed
+            loss = -model.flow_log_prob(batch).mean()  # the flows alone (each its own likelihood): the floor is fixed
             loss_value = loss.item()  # one read of the loss per step, for the check and the mean
             progress.steps += 1
             optimizer.zero_grad(set_to_none=True)

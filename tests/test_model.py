@@ -28,7 +28,7 @@ def _model(seed: int = 0, num_layers: int = 3):
     return model.eval()
 
 
-@pytest.mark.parametrize("num_layers", [3, TrainConfig().num_layers])
+@pytest.mark.parametrize("num_layers", [TrainConfig().num_layers, 5])
 def test_inverse_of_forward_is_identity(num_layers: int) -> None:
     model = _model(num_layers=num_layers)
     z = torch.randn(16, DIM)
@@ -40,7 +40,7 @@ def test_inverse_of_forward_is_identity(num_layers: int) -> None:
     assert x.shape == z.shape and x.dtype == torch.float32
 
 
-@pytest.mark.parametrize("num_layers", [3, TrainConfig().num_layers])
+@pytest.mark.parametrize("num_layers", [TrainConfig().num_layers, 5])
 def test_sampling_and_scoring_agree_on_the_density(num_layers: int) -> None:
     model = _model(num_layers=num_layers)
     with torch.no_grad():
@@ -165,3 +165,45 @@ def test_the_gaussian_floor_mixes_the_flow_with_the_fit_faces_diagonal_gaussian(
     restored, _ = load_checkpoint(path)
     with torch.no_grad():
         torch.testing.assert_close(restored.log_prob(x), mixed.log_prob(x))
+
+
+def test_an_ensemble_averages_its_flows_densities_under_the_floor_and_samples_from_each(tmp_path: Path) -> None:
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    from tasks.model import FlowEnsemble
+
+    weight, mean, std = 0.1, np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM)
+    spec = ModelSpec(DIM, 3, 16, gaussian_weight=weight, members=2)
+    flows = [_model(seed) for seed in (0, 1)]
+    ensemble = build_realnvp(spec, mean, std)
+    assert isinstance(ensemble, FlowEnsemble) and len(ensemble.members) == 2
+    for member, flow in zip(ensemble.members, flows):
+        member.load_state_dict(flow.state_dict())
+    ensemble.eval()
+    x = torch.randn(9, DIM)
+    with torch.no_grad():
+        member_log_p = np.stack([flow.log_prob(x).double().numpy() for flow in flows])
+        got = ensemble.log_prob(x).double().numpy()
+        walk = ensemble.forward(ensemble.inverse(x[:2]))
+        latent = flows[0].inverse(x[:2])
+    assert np.abs(member_log_p[0] - member_log_p[1]).min() > 1e-3  # two different flows
+    average = logsumexp(member_log_p, axis=0) - np.log(2)
+    expected = logsumexp([average + np.log1p(-weight), norm.logpdf(x.double().numpy(), mean, std).sum(1) + np.log(weight)], axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(walk, x[:2], atol=1e-4, rtol=1e-4)  # the latent walk is the first member's
+    torch.testing.assert_close(ensemble.inverse(x[:2]).detach(), latent)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        samples, sample_log_p = ensemble.sample(64)
+        torch.testing.assert_close(sample_log_p, ensemble.log_prob(samples))
+        ensemble.set_temperature(1e-4)  # every member's base shrinks to its mean: one face per member
+        cold, _ = ensemble.sample(64)
+        modes = [flow.forward(flow.q0.loc.expand(1, DIM)) for flow in flows]
+        ensemble.set_temperature(None)
+    assert all(float(torch.cdist(mode, cold).min()) < 1e-2 for mode in modes)  # both members are drawn from
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, checkpoint_payload(ensemble.state_dict(), spec, {}))
+    restored, _ = load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.log_prob(x), ensemble.log_prob(x))

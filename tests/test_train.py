@@ -196,3 +196,18 @@ def test_training_fits_the_flow_alone_and_the_kept_model_carries_the_gaussian_fl
     with torch.no_grad():
         expected = torch.logaddexp(flow.log_prob(faces) + math.log(0.7), flow.gaussian_log_prob(faces) + math.log(0.3))
         torch.testing.assert_close(mixed.log_prob(faces), expected)
+
+
+def test_an_ensemble_trains_every_member_from_its_own_start() -> None:
+    from tasks.model import FlowEnsemble
+
+    config = SMALL.model_copy(update={"epochs": 5, "members": 2, "ema_decay": 0.0})
+    trained = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), config, seed=4)
+    untrained = train_flow(_batches(_correlated(64, 0), _correlated(16, 1)), config.model_copy(update={"learning_rate": 1e-12}), seed=4)
+    model, start = trained_model(trained), trained_model(untrained)
+    assert isinstance(model, FlowEnsemble) and len(model.members) == 2
+    faces = torch.from_numpy(_correlated(16, 1))
+    with torch.no_grad():
+        moved = [float((member.flow_log_prob(faces) - begun.flow_log_prob(faces)).abs().max()) for member, begun in zip(model.members, start.members)]
+        apart = float((model.members[0].flow_log_prob(faces) - model.members[1].flow_log_prob(faces)).abs().max())
+    assert min(moved) > 1e-2 and apart > 1e-2
