@@ -114,9 +114,10 @@ class FlowEnsemble(torch.nn.Module):
     """Flows of the same shape, trained side by side from different initialisations; p is their average density.
 
     p(x) = (1 - w) mean_k p_k(x) + w N(x; mean, diag(std^2)), the Gaussian floor of
-    FlowWithGaussianFloor over the average. On the tuning splits, two flows of 3 couplings gained
-    0.8 nats per face on unseen people and 0.1 on known people's held-out faces over one flow of 5,
-    at 1.4 times its training time (docs/quality.md). Training maximises each member's own
+    FlowWithGaussianFloor over the average. On the tuning splits, trained as confirmation trains
+    them, two flows of 3 couplings gained 0.5 nats per face on unseen people and 0.1 on known
+    people's held-out faces over one flow of 5; their training took 1.33 times the issue-19
+    baseline's on the confirmation splits (docs/quality.md). Training maximises each member's own
     likelihood (``flow_log_prob`` is their mean log p, so each gradient reaches one member). Samples
     are drawn from the members in equal shares; a latent walk (``inverse``, ``forward``) is the
     first member's: an average of densities has no latent space of its own.
