@@ -32,6 +32,7 @@ from tasks.data import resolve_data_file
 from tasks.devices import resolve_device
 from tasks.results import FaceBatches, Faces, FittedPCA, ModelScore, Split
 from tasks.steps import build_dataloader, fetch_faces, fit_pca, score_model, split_faces, train_realnvp
+from tasks.train import loader_settings
 
 # Dask's workers trim freed memory eagerly (MALLOC_TRIM_THRESHOLD_=65536), which nearly doubled
 # torch's CPU time in these many small steps; they keep the allocator's default here. Their
@@ -116,7 +117,7 @@ def _shared_upstream(configs: list[tuple[dict[str, Any], FaceflowConfig]], steps
             pca_key = split_key + config.pca.model_dump_json()
             if pca_key not in pcas:
                 pcas[pca_key] = steps.run(fit_pca, faces[data_key], splits[split_key], config.pca)
-            loader_key = f"{pca_key}{config.train.batch_size}:{config.train.mirror}:{config.seed}"
+            loader_key = f"{pca_key}{loader_settings(config.train)}:{config.seed}"
             if loader_key not in loaders:
                 loaders[loader_key] = steps.run(build_dataloader, pcas[pca_key], splits[split_key], config.train, config.seed)
         prepared.append(_Configuration(number, values, config, pcas[pca_key], splits[split_key], loaders[loader_key], version))

@@ -92,8 +92,7 @@ class FlowWithGaussianFloor(nf.NormalizingFlow):
         return torch.distributions.Normal(whitening.t, whitening.s.exp()).log_prob(x).sum(-1)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        flow = self.flow_log_prob(x)
-        return flow if self.gaussian_weight == 0.0 else _with_floor(flow, self.gaussian_log_prob(x), self.gaussian_weight)
+        return _with_floor(self, self.flow_log_prob(x), x)
 
     def sample(self, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         x, log_q = super().sample(num_samples)
@@ -104,10 +103,12 @@ class FlowWithGaussianFloor(nf.NormalizingFlow):
         self.q0.temperature = temperature
 
 
-def _with_floor(flow_log_p: torch.Tensor, gaussian_log_p: torch.Tensor, weight: float) -> torch.Tensor:
+def _with_floor(model: FlowWithGaussianFloor | FlowEnsemble, flow_log_p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log((1 - w) p_flow(x) + w N(x)) with the model's weight w and Gaussian; the Gaussian is not computed at w = 0."""
+    weight = model.gaussian_weight
     if weight == 0.0:
         return flow_log_p
-    return torch.logaddexp(flow_log_p + math.log1p(-weight), gaussian_log_p + math.log(weight))
+    return torch.logaddexp(flow_log_p + math.log1p(-weight), model.gaussian_log_prob(x) + math.log(weight))
 
 
 class FlowEnsemble(torch.nn.Module):
@@ -128,16 +129,18 @@ class FlowEnsemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.gaussian_weight = float(gaussian_weight)
 
+    def _member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member.flow_log_prob(x) for member in self.members])
+
     def flow_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member.flow_log_prob(x) for member in self.members]).mean(0)
+        return self._member_log_probs(x).mean(0)
 
     def gaussian_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return self.members[0].gaussian_log_prob(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        members = torch.stack([member.flow_log_prob(x) for member in self.members])
-        average = torch.logsumexp(members, 0) - math.log(len(self.members))
-        return _with_floor(average, self.gaussian_log_prob(x), self.gaussian_weight)
+        average = torch.logsumexp(self._member_log_probs(x), 0) - math.log(len(self.members))
+        return _with_floor(self, average, x)
 
     def sample(self, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_samples`` faces, each from a member drawn uniformly, in the order drawn; with the ensemble's log p."""

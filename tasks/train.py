@@ -99,13 +99,18 @@ def face_loader(coords: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
 
 
+def loader_settings(config: TrainConfig) -> tuple[int, bool]:
+    """The training settings make_batches reads: runs that agree on them (and on PCA, split and seed) share a loader."""
+    return config.batch_size, config.mirror
+
+
 def make_batches(pca: FittedPCA, split: Split, config: TrainConfig, seed: int) -> FaceBatches:
     """What the DataLoader serves: the fit faces' coordinates (and their mirror images'), batch size from config, seeded shuffling."""
     fit = pca.coords[split.fit]
     if config.mirror:
         fit = np.concatenate([fit, pca.mirror_coords[split.fit]])
     return FaceBatches(
-        key=content_key("batches", pca, split, config.batch_size, config.mirror, seed),
+        key=content_key("batches", pca, split, *loader_settings(config), seed),
         fit=np.ascontiguousarray(fit),
         validation=np.ascontiguousarray(pca.coords[split.validation]),
         batch_size=config.batch_size,
