@@ -100,7 +100,7 @@ class PCAConfig(_Section):
 class TrainConfig(_Section):
     """RealNVP architecture and optimisation."""
 
-    epochs: int = Field(300, ge=1, le=100_000, description="Passes over the training faces (and their mirror images).")
+    epochs: int = Field(350, ge=1, le=100_000, description="Passes over the training faces (and their mirror images).")
     batch_size: int = Field(
         512, ge=1, le=4096,
         description="Faces per optimisation step; the Olivetti version's fit faces and their mirror images (about 640) "
@@ -110,11 +110,20 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="AdamW weight decay.")
     num_layers: int = Field(3, ge=1, le=64, description="Affine coupling layers of each flow.")
     members: int = Field(
-        2, ge=1, le=8,
-        description="Flows trained side by side from different initialisations, their densities averaged (an "
-        "ensemble); samples come from each in equal shares, latent walks from the first.",
+        3, ge=1, le=8,
+        description="Flows trained side by side from different initialisations, their densities mixed (an "
+        "ensemble; the last is the short member); samples come from each by its share, latent walks from the first.",
     )
-    hidden_units: int = Field(256, ge=4, le=4096, description="Width of each coupling MLP.")
+    short_member_epochs: int = Field(
+        100, ge=0, le=100_000,
+        description="With members > 1, the last member trains only this many epochs (at most epochs; 0 = every "
+        "member trains them all): an early-stopped, smoother flow for faces unlike any fit face.",
+    )
+    short_member_weight: float = Field(
+        0.3, gt=0.0, lt=1.0,
+        description="With members > 1, the last member's share of the ensemble's density; the others share the rest.",
+    )
+    hidden_units: int = Field(192, ge=4, le=4096, description="Width of each coupling MLP.")
     input_noise: float = Field(
         0.4, ge=0.0, le=5.0, description="Gaussian noise std added to whitened training inputs."
     )
@@ -132,10 +141,10 @@ class TrainConfig(_Section):
         "augmentation that helps most on people the flow never saw.",
     )
     gaussian_weight: float = Field(
-        0.05, ge=0.0, lt=1.0,
+        0.0, ge=0.0, lt=1.0,
         description="Weight of a diagonal Gaussian (the fit faces' per-component mean and std) mixed with the flow "
-        "in every log p: a floor under faces unlike any fit face, chosen on unseen people; 0 = the flow alone. "
-        "Training, samples and latent walks use the flow.",
+        "in every log p: a floor under faces unlike any fit face; 0 = the flow alone (the default: beside the short "
+        "member the floor gained nothing on unseen people). Training, samples and latent walks use the flow.",
     )
     ema_decay: float = Field(
         0.995, ge=0.0, lt=1.0, description="Decay of the weights' moving average used for evaluation; 0 disables it."
@@ -143,6 +152,20 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: auto picks CUDA when present."
     )
+
+    def member_epochs(self) -> list[int]:
+        """Epochs each member of the ensemble trains: ``epochs``, and the short member's last."""
+        if self.members == 1:
+            return [self.epochs]
+        short = min(self.short_member_epochs or self.epochs, self.epochs)
+        return [self.epochs] * (self.members - 1) + [short]
+
+    def member_weights(self) -> list[float]:
+        """Each member's share of the ensemble's density: the short member's weight last, the rest shared."""
+        if self.members == 1:
+            return [1.0]
+        others = (1.0 - self.short_member_weight) / (self.members - 1)
+        return [others] * (self.members - 1) + [self.short_member_weight]
 
 
 class SampleConfig(_Section):

@@ -35,6 +35,8 @@ class ModelSpec:
     gaussian_weight: float = 0.0
     # Flows averaged in density (FlowEnsemble); 1 in checkpoints from before ensembles, a single flow.
     members: int = 1
+    # Each member's share of the density; empty = equal shares (checkpoints from before shares).
+    member_weights: tuple[float, ...] = ()
 
 
 class SwapHalves(nf.flows.Flow):
@@ -74,8 +76,9 @@ class FlowWithGaussianFloor(nf.NormalizingFlow):
     p(x) = (1 - w) p_flow(x) + w N(x; mean, diag(std^2)), with mean and std the frozen whitening
     layer's: the fit faces' per-component statistics, the diagonal Gaussian baseline's model. The
     Gaussian is a floor under the density of faces unlike any the flow was fitted on: on the
-    tuning splits' unseen people, w = 0.05 gained 0.8 nats per face and cost nothing on known
-    people's held-out faces (docs/quality.md). Training fits the flow alone (``flow_log_prob``);
+    tuning splits' unseen people, w = 0.05 gained 0.8 nats per face over one flow and cost nothing
+    on known people's held-out faces; beside an ensemble's short member it gains nothing, so the
+    default is 0 (docs/quality.md). Training fits the flow alone (``flow_log_prob``);
     samples and latent walks are the flow's (``sample`` draws from the flow and reports the
     mixture's log p of what it drew). With w = 0 it is exactly the flow.
     """
@@ -112,22 +115,30 @@ def _with_floor(model: FlowWithGaussianFloor | FlowEnsemble, flow_log_p: torch.T
 
 
 class FlowEnsemble(torch.nn.Module):
-    """Flows of the same shape, trained side by side from different initialisations; p is their average density.
+    """Flows of the same shape, trained side by side from different initialisations; p mixes their densities.
 
-    p(x) = (1 - w) mean_k p_k(x) + w N(x; mean, diag(std^2)), the Gaussian floor of
-    FlowWithGaussianFloor over the average. On the tuning splits, trained as confirmation trains
-    them, two flows of 3 couplings gained 0.5 nats per face on unseen people and 0.1 on known
-    people's held-out faces over one flow of 5; their training took 1.33 times the issue-19
-    baseline's on the confirmation splits (docs/quality.md). Training maximises each member's own
-    likelihood (``flow_log_prob`` is their mean log p, so each gradient reaches one member). Samples
-    are drawn from the members in equal shares; a latent walk (``inverse``, ``forward``) is the
-    first member's: an average of densities has no latent space of its own.
+    p(x) = (1 - w) sum_k a_k p_k(x) + w N(x; mean, diag(std^2)): the members' densities mixed by
+    their shares ``weights`` (equal when empty), under the Gaussian floor of FlowWithGaussianFloor.
+    Training maximises each member's own likelihood; the last member of the default trains fewer
+    epochs (``TrainConfig.member_epochs``), a smoother density that carries faces unlike any fit face
+    while the others carry the fit people's. On the tuning splits, trained as confirmation trains
+    them, the default's two flows of 350 epochs and one of 100 (shares 0.35, 0.35, 0.3) scored
+    0.9 nats per face higher on unseen people and 0.4 higher on known people's held-out faces than
+    two equal flows of 300 epochs (docs/quality.md). Samples are drawn from the members by their
+    shares; a latent walk (``inverse``, ``forward``) is the first member's: a mixture of densities has
+    no latent space of its own.
     """
 
-    def __init__(self, members: list[FlowWithGaussianFloor], gaussian_weight: float) -> None:
+    def __init__(
+        self, members: list[FlowWithGaussianFloor], gaussian_weight: float, weights: tuple[float, ...] = ()
+    ) -> None:
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.gaussian_weight = float(gaussian_weight)
+        shares = torch.tensor(weights or [1.0] * len(members), dtype=torch.float64)
+        if len(shares) != len(members) or not bool((shares > 0).all()):
+            raise ValueError(f"{len(members)} members need as many positive weights, got {list(weights)}")
+        self.register_buffer("log_weights", (shares / shares.sum()).log().float(), persistent=False)
 
     def _member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([member.flow_log_prob(x) for member in self.members])
@@ -139,12 +150,12 @@ class FlowEnsemble(torch.nn.Module):
         return self.members[0].gaussian_log_prob(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        average = torch.logsumexp(self._member_log_probs(x), 0) - math.log(len(self.members))
-        return _with_floor(self, average, x)
+        mixture = torch.logsumexp(self._member_log_probs(x) + self.log_weights[:, None], 0)
+        return _with_floor(self, mixture, x)
 
     def sample(self, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """``num_samples`` faces, each from a member drawn uniformly, in the order drawn; with the ensemble's log p."""
-        chosen = torch.randint(len(self.members), (num_samples,))
+        """``num_samples`` faces, each from a member drawn by its weight, in the order drawn; with the ensemble's log p."""
+        chosen = torch.multinomial(self.log_weights.exp().cpu(), num_samples, replacement=True)
         x = torch.empty(num_samples, self.members[0].flows[-1].t.shape[-1], device=self.members[0].flows[-1].t.device)
         for index, member in enumerate(self.members):
             taken = chosen == index
@@ -163,11 +174,17 @@ class FlowEnsemble(torch.nn.Module):
             member.set_temperature(temperature)
 
 
+def members_of(model: FlowWithGaussianFloor | FlowEnsemble) -> list[FlowWithGaussianFloor]:
+    """The flows of a model: an ensemble's members, or the one flow."""
+    return list(model.members) if isinstance(model, FlowEnsemble) else [model]
+
+
 def build_realnvp(spec: ModelSpec, mean: np.ndarray, std: np.ndarray) -> FlowWithGaussianFloor | FlowEnsemble:
     """``spec.members`` RealNVP flows (build_flow), one flow alone or a FlowEnsemble of them."""
     if spec.members == 1:
         return build_flow(spec, mean, std, spec.gaussian_weight)
-    return FlowEnsemble([build_flow(spec, mean, std, 0.0) for _ in range(spec.members)], spec.gaussian_weight)
+    members = [build_flow(spec, mean, std, 0.0) for _ in range(spec.members)]
+    return FlowEnsemble(members, spec.gaussian_weight, spec.member_weights)
 
 
 def build_flow(spec: ModelSpec, mean: np.ndarray, std: np.ndarray, gaussian_weight: float) -> FlowWithGaussianFloor:

@@ -26,7 +26,8 @@ from faceflow.config import TrainConfig
 from faceflow.keys import content_key
 from tasks.devices import resolve_device
 from tasks.model import (
-    ModelSpec, build_realnvp, checkpoint_bytes, checkpoint_payload, save_checkpoint, seeded, trainable_parameters,
+    FlowEnsemble, FlowWithGaussianFloor, ModelSpec, build_realnvp, checkpoint_bytes, checkpoint_payload, members_of,
+    save_checkpoint, seeded, trainable_parameters,
 )
 from tasks.results import FaceBatches, FittedPCA, Split, TrainedFlow, TrainingHistory
 
@@ -65,16 +66,20 @@ class WeightAverage:
     2 ms a step here, 40% of a step of the lab-shaped model.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    def __init__(self, model: FlowWithGaussianFloor | FlowEnsemble, decay: float) -> None:
         self.module = copy.deepcopy(model)
-        copies = dict(self.module.named_parameters())
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self._live = [p for _, p in trainable]
-        self._averaged = [copies[name] for name, _ in trainable]
+        self._members = []  # per member: its live trainable weights and their averages
+        for live, copied in zip(members_of(model), members_of(self.module), strict=True):
+            copies = dict(copied.named_parameters())
+            trainable = [(name, p) for name, p in live.named_parameters() if p.requires_grad]
+            self._members.append(([p for _, p in trainable], [copies[name] for name, _ in trainable]))
         self._update = get_ema_multi_avg_fn(decay)
 
-    def update(self) -> None:
-        self._update(self._averaged, self._live, None)
+    def update(self, members: list[int]) -> None:
+        """Average the weights of the ``members`` (indices) still training; the others' averages stay."""
+        for member in members:
+            live, averaged = self._members[member]
+            self._update(averaged, live, None)
 
 
 def input_noise_scale(std: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -209,14 +214,21 @@ def train_flow(
     spec = ModelSpec(
         dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units,
         gaussian_weight=config.gaussian_weight, members=config.members,
+        member_weights=tuple(config.member_weights()) if config.members > 1 else (),
     )
+    member_epochs = config.member_epochs()
 
     with seeded(seed):
         model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
     # The input noise draws from the training's own generator: reproducible however many trainings run at once.
     noise = torch.Generator(device=device).manual_seed(seed)
-    optimizer = make_optimizer(trainable_parameters(model), config)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
+    members = members_of(model)
+    # Each member its own optimiser and cosine schedule: the short member's ends at its last epoch, then it rests.
+    optimizers = [make_optimizer(trainable_parameters(member), config) for member in members]
+    schedulers = [
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+        for optimizer, epochs in zip(optimizers, member_epochs, strict=True)
+    ]
     noise_scale = input_noise_scale(std, config)
     with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
         model.flow_log_prob(clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device))
@@ -229,8 +241,10 @@ def train_flow(
     if (saved := checkpoints.load()) is not None:
         model.load_state_dict(saved["model"])
         evaluated.load_state_dict(saved["evaluated"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        for optimizer, optimizer_state in zip(optimizers, saved["optimizer"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        for scheduler, scheduler_state in zip(schedulers, saved["scheduler"], strict=True):
+            scheduler.load_state_dict(scheduler_state)
         noise.set_state(saved["noise_rng"])
         loader_generator.set_state(saved["loader_rng"])
         progress = _Progress(**saved["progress"])
@@ -238,8 +252,8 @@ def train_flow(
 
     def state() -> dict:
         return {
-            "model": model.state_dict(), "evaluated": evaluated.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "noise_rng": noise.get_state(),
+            "model": model.state_dict(), "evaluated": evaluated.state_dict(), "optimizer": [optimizer.state_dict() for optimizer in optimizers],
+            "scheduler": [scheduler.state_dict() for scheduler in schedulers], "noise_rng": noise.get_state(),
             "loader_rng": loader_generator.get_state(), "progress": vars(progress),
         }
 
@@ -252,27 +266,32 @@ def train_flow(
         if cancelled():
             raise TrainingCancelled(f"training cancelled at epoch {epoch} of {config.epochs}")
         epoch_loss, finite_batches = 0.0, 0
+        training = [member for member, epochs in enumerate(member_epochs) if epoch <= epochs]
         for (batch,) in loader:
             batch = batch.to(device)
             if config.noise_draws > 1:
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn(batch.shape, generator=noise, device=device)
-            loss = -model.flow_log_prob(batch).mean()  # the flows alone (each its own likelihood): the floor is fixed
-            loss_value = loss.item()  # one read of the loss per step, for the check and the mean
+            # The flows alone, each on its own likelihood (the sum: each gradient reaches one member); the floor is fixed.
+            loss = -torch.stack([members[member].flow_log_prob(batch).mean() for member in training]).sum()
+            loss_value = loss.item() / len(training)  # one read of the loss per step, for the check and the mean
             progress.steps += 1
-            optimizer.zero_grad(set_to_none=True)
+            for member in training:
+                optimizers[member].zero_grad(set_to_none=True)
             finite = math.isfinite(loss_value)
             recent_nonfinite.append(not finite)
             if finite:
                 loss.backward()
-                optimizer.step()
+                for member in training:
+                    optimizers[member].step()
                 if averaged is not None:
-                    averaged.update()
+                    averaged.update(training)
                 epoch_loss += loss_value
                 finite_batches += 1
             else:
                 progress.nonfinite += 1
-            scheduler.step()
+            for member in training:
+                schedulers[member].step()
             if sum(recent_nonfinite) > DIVERGENCE_WINDOW // 2:
                 checkpoints.discard()
                 raise _diverged(
@@ -281,7 +300,7 @@ def train_flow(
                 )
         validating = len(validation) and (epoch % validate_every == 0 or epoch == config.epochs)
         validation_score = mean_log_prob(evaluated, validation) if validating else None
-        learning_rate = scheduler.get_last_lr()[0]
+        learning_rate = schedulers[0].get_last_lr()[0]
         train_loss = epoch_loss / finite_batches if finite_batches else math.nan
         progress.epoch = epoch
         progress.train_loss.append(train_loss)

@@ -167,14 +167,14 @@ def test_the_gaussian_floor_mixes_the_flow_with_the_fit_faces_diagonal_gaussian(
         torch.testing.assert_close(restored.log_prob(x), mixed.log_prob(x))
 
 
-def test_an_ensemble_averages_its_flows_densities_under_the_floor_and_samples_from_each(tmp_path: Path) -> None:
+def test_an_ensemble_mixes_its_flows_densities_by_weight_under_the_floor_and_samples_from_each(tmp_path: Path) -> None:
     from scipy.special import logsumexp
     from scipy.stats import norm
 
     from tasks.model import FlowEnsemble
 
     weight, mean, std = 0.1, np.linspace(-1, 1, DIM), np.linspace(0.5, 2, DIM)
-    spec = ModelSpec(DIM, 3, 16, gaussian_weight=weight, members=2)
+    spec = ModelSpec(DIM, 3, 16, gaussian_weight=weight, members=2, member_weights=(0.7, 0.3))
     flows = [_model(seed) for seed in (0, 1)]
     ensemble = build_realnvp(spec, mean, std)
     assert isinstance(ensemble, FlowEnsemble) and len(ensemble.members) == 2
@@ -188,8 +188,8 @@ def test_an_ensemble_averages_its_flows_densities_under_the_floor_and_samples_fr
         walk = ensemble.forward(ensemble.inverse(x[:2]))
         latent = flows[0].inverse(x[:2])
     assert np.abs(member_log_p[0] - member_log_p[1]).min() > 1e-3  # two different flows
-    average = logsumexp(member_log_p, axis=0) - np.log(2)
-    expected = logsumexp([average + np.log1p(-weight), norm.logpdf(x.double().numpy(), mean, std).sum(1) + np.log(weight)], axis=0)
+    mixture = logsumexp(member_log_p + np.log([[0.7], [0.3]]), axis=0)
+    expected = logsumexp([mixture + np.log1p(-weight), norm.logpdf(x.double().numpy(), mean, std).sum(1) + np.log(weight)], axis=0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(walk, x[:2], atol=1e-4, rtol=1e-4)  # the latent walk is the first member's
     torch.testing.assert_close(ensemble.inverse(x[:2]).detach(), latent)
@@ -198,10 +198,11 @@ def test_an_ensemble_averages_its_flows_densities_under_the_floor_and_samples_fr
         samples, sample_log_p = ensemble.sample(64)
         torch.testing.assert_close(sample_log_p, ensemble.log_prob(samples))
         ensemble.set_temperature(1e-4)  # every member's base shrinks to its mean: one face per member
-        cold, _ = ensemble.sample(64)
+        cold, _ = ensemble.sample(400)
         modes = [flow.forward(flow.q0.loc.expand(1, DIM)) for flow in flows]
         ensemble.set_temperature(None)
-    assert all(float(torch.cdist(mode, cold).min()) < 1e-2 for mode in modes)  # both members are drawn from
+    drawn = [int((torch.cdist(mode, cold) < 1e-2).sum()) for mode in modes]
+    assert sum(drawn) == 400 and 0.6 < drawn[0] / 400 < 0.8  # each member drawn from, by its weight (0.7)
     path = tmp_path / "model.pt"
     save_checkpoint(path, checkpoint_payload(ensemble.state_dict(), spec, {}))
     restored, _ = load_checkpoint(path)

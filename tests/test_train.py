@@ -131,7 +131,7 @@ def test_weight_average_follows_the_model_with_its_decay() -> None:
     average = WeightAverage(model, decay=0.9)
     with torch.no_grad():
         model.weight.fill_(3.0)
-    average.update()
+    average.update([0])
     torch.testing.assert_close(average.module.weight, torch.full((1, 2), 1.2))
     assert average.module.weight.data_ptr() != model.weight.data_ptr()
 
@@ -211,3 +211,19 @@ def test_an_ensemble_trains_every_member_from_its_own_start() -> None:
         moved = [float((member.flow_log_prob(faces) - begun.flow_log_prob(faces)).abs().max()) for member, begun in zip(model.members, start.members)]
         apart = float((model.members[0].flow_log_prob(faces) - model.members[1].flow_log_prob(faces)).abs().max())
     assert min(moved) > 1e-2 and apart > 1e-2
+
+
+def test_the_short_member_trains_its_epochs_on_its_own_schedule_then_rests() -> None:
+    """Member 1 of a 6-epoch ensemble trains 2 epochs: exactly as in a 2-epoch training, where every member trains 2."""
+    no_validation = np.empty((0, 8), dtype=np.float32)
+    config = SMALL.model_copy(update={"members": 2, "ema_decay": 0.0, "short_member_epochs": 2})
+    assert config.model_copy(update={"epochs": 6}).member_epochs() == [6, 2]
+    long = trained_model(train_flow(_batches(_correlated(64, 0), no_validation), config.model_copy(update={"epochs": 6}), seed=3))
+    short = trained_model(train_flow(
+        _batches(_correlated(64, 0), no_validation), config.model_copy(update={"epochs": 2}), seed=3
+    ))
+    for name, weight in short.members[1].state_dict().items():
+        torch.testing.assert_close(long.members[1].state_dict()[name], weight, rtol=0, atol=0, msg=name)
+    faces = torch.from_numpy(_correlated(16, 1))
+    with torch.no_grad():
+        assert float((long.members[0].flow_log_prob(faces) - short.members[0].flow_log_prob(faces)).abs().max()) > 1e-2
