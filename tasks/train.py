@@ -217,6 +217,7 @@ def train_flow(
         member_weights=tuple(config.member_weights()) if config.members > 1 else (),
     )
     member_epochs = config.member_epochs()
+    full_length = member_epochs.count(config.epochs)  # the members that train every epoch come first
 
     with seeded(seed):
         model = build_realnvp(spec, mean.cpu().numpy(), std.cpu().numpy()).to(device)
@@ -252,7 +253,8 @@ def train_flow(
 
     def state() -> dict:
         return {
-            "model": model.state_dict(), "evaluated": evaluated.state_dict(), "optimizer": [optimizer.state_dict() for optimizer in optimizers],
+            "model": model.state_dict(), "evaluated": evaluated.state_dict(),
+            "optimizer": [optimizer.state_dict() for optimizer in optimizers],
             "scheduler": [scheduler.state_dict() for scheduler in schedulers], "noise_rng": noise.get_state(),
             "loader_rng": loader_generator.get_state(), "progress": vars(progress),
         }
@@ -273,8 +275,11 @@ def train_flow(
                 batch = batch.repeat(config.noise_draws, 1)
             batch = batch + noise_scale * torch.randn(batch.shape, generator=noise, device=device)
             # The flows alone, each on its own likelihood (the sum: each gradient reaches one member); the floor is fixed.
-            loss = -torch.stack([members[member].flow_log_prob(batch).mean() for member in training]).sum()
-            loss_value = loss.item() / len(training)  # one read of the loss per step, for the check and the mean
+            member_losses = -torch.stack([members[member].flow_log_prob(batch).mean() for member in training])
+            loss = member_losses.sum()
+            losses = member_losses.tolist()  # one read of the losses per step, for the check and the curve
+            # The curve is the mean loss of the members that train every epoch: it does not jump when the short one rests.
+            loss_value = math.fsum(losses[:full_length]) / full_length if all(map(math.isfinite, losses)) else math.nan
             progress.steps += 1
             for member in training:
                 optimizers[member].zero_grad(set_to_none=True)

@@ -227,3 +227,12 @@ def test_the_short_member_trains_its_epochs_on_its_own_schedule_then_rests() -> 
     faces = torch.from_numpy(_correlated(16, 1))
     with torch.no_grad():
         assert float((long.members[0].flow_log_prob(faces) - short.members[0].flow_log_prob(faces)).abs().max()) > 1e-2
+
+
+def test_the_loss_curve_is_the_full_length_members_and_does_not_jump_when_the_short_one_rests() -> None:
+    """With one long member, the ensemble's curve is exactly one flow's: the long member trains as that flow does."""
+    config = SMALL.model_copy(update={"epochs": 6, "members": 2, "short_member_epochs": 2})
+    batches = _batches(_correlated(64, 0), _correlated(16, 1))
+    ensemble = train_flow(batches, config, seed=3)
+    alone = train_flow(batches, config.model_copy(update={"members": 1}), seed=3)
+    assert ensemble.history.train_loss.tolist() == alone.history.train_loss.tolist()
