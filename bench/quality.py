@@ -42,10 +42,10 @@ BASELINES = ("diagonal Gaussian", "GaussianMixture", "Gaussian KDE")
 # the previous default's (flow - best baseline for recipes; the flow's image-space log p for counts).
 KNOWN_PEOPLE_TOLERANCE = 2.0
 
-# The default before issue 19: one flow of 4 couplings, 700 epochs on the fit faces alone, no Gaussian floor, the
+# The default before issue 19: one flow of 4 couplings of 256 units, 700 epochs on the fit faces alone, no Gaussian floor, the
 # components by the variance rule.
 PREVIOUS_DEFAULT = FaceflowConfig(
-    train=TrainConfig(epochs=700, num_layers=4, members=1, mirror=False, gaussian_weight=0.0),
+    train=TrainConfig(epochs=700, num_layers=4, hidden_units=256, members=1, mirror=False, gaussian_weight=0.0),
     pca=PCAConfig(n_components=None),
 )
 NEW_DEFAULT = FaceflowConfig()

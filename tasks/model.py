@@ -33,7 +33,7 @@ class ModelSpec:
     # Weight of the diagonal Gaussian mixed with the flow in log p (FlowWithGaussianFloor); 0 in
     # checkpoints from before it existed, which so keep their exact densities.
     gaussian_weight: float = 0.0
-    # Flows averaged in density (FlowEnsemble); 1 in checkpoints from before ensembles, a single flow.
+    # Flows mixed in density (FlowEnsemble); 1 in checkpoints from before ensembles, a single flow.
     members: int = 1
     # Each member's share of the density; empty = equal shares (checkpoints from before shares).
     member_weights: tuple[float, ...] = ()
@@ -124,7 +124,7 @@ class FlowEnsemble(torch.nn.Module):
     while the others carry the fit people's. On the tuning splits, trained as confirmation trains
     them, the default's two flows of 350 epochs and one of 100 (shares 0.35, 0.35, 0.3) scored
     0.9 nats per face higher on unseen people and 0.4 higher on known people's held-out faces than
-    two equal flows of 300 epochs (docs/quality.md). Samples are drawn from the members by their
+    the previous default's two equal flows of 300 epochs (256 units, floor 0.05; docs/quality.md). Samples are drawn from the members by their
     shares; a latent walk (``inverse``, ``forward``) is the first member's: a mixture of densities has
     no latent space of its own.
     """
@@ -155,7 +155,9 @@ class FlowEnsemble(torch.nn.Module):
 
     def sample(self, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_samples`` faces, each from a member drawn by its weight, in the order drawn; with the ensemble's log p."""
-        chosen = torch.multinomial(self.log_weights.exp().cpu(), num_samples, replacement=True)
+        chosen = torch.multinomial(self.log_weights.exp().cpu(), num_samples, replacement=True) if num_samples else (
+            torch.empty(0, dtype=torch.long)
+        )
         x = torch.empty(num_samples, self.members[0].flows[-1].t.shape[-1], device=self.members[0].flows[-1].t.device)
         for index, member in enumerate(self.members):
             taken = chosen == index
@@ -337,7 +339,7 @@ def _model_from(source: Path | bytes, name: str, device: str) -> tuple[nf.Normal
         raise CheckpointError(f"checkpoint {name} holds non-finite weights ({', '.join(broken[:3])}); retrain the model")
     try:
         model = rebuild_realnvp(ModelSpec(**payload["spec"]), payload["state_dict"], device)
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"checkpoint {name} does not match the model it describes ({reason})") from None
     return model, payload["config"]

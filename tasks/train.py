@@ -162,7 +162,7 @@ class _Progress:
 class Checkpointer:
     """Writes the training's whole state to ``path`` every ``every`` seconds, atomically; reads it back.
 
-    The state is the model, its weight average, the optimiser, the schedule, the best weights so
+    The state is the model, its weight average, each member's optimiser and schedule, the best weights so
     far, the history, and the random generators (the noise's and the loader's): resumed from it, the
     rest of the training draws the same noise and batches as an uninterrupted one.
     """

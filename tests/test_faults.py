@@ -77,6 +77,8 @@ BROKEN_CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
                     "non-finite weights"),
     "weights of another shape": (lambda p: _with_payload(p, lambda d: d["spec"].update(hidden_units=16)),
                                  "does not match the model"),
+    "shares for another number of flows": (lambda p: _with_payload(p, lambda d: d["spec"].update(members=2, member_weights=(1.0,))),
+                                           "does not match the model"),
 }
 
 

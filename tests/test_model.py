@@ -197,6 +197,7 @@ def test_an_ensemble_mixes_its_flows_densities_by_weight_under_the_floor_and_sam
     with torch.no_grad():
         samples, sample_log_p = ensemble.sample(64)
         torch.testing.assert_close(sample_log_p, ensemble.log_prob(samples))
+        assert ensemble.sample(0)[0].shape == (0, DIM)
         ensemble.set_temperature(1e-4)  # every member's base shrinks to its mean: one face per member
         cold, _ = ensemble.sample(400)
         modes = [flow.forward(flow.q0.loc.expand(1, DIM)) for flow in flows]

@@ -79,13 +79,16 @@ def _die_at(epoch: int):
     return on_epoch
 
 
-def test_a_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("short_member_epochs", [20, 8], ids=["equal members", "the short member resting"])
+def test_a_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path: Path, short_member_epochs: int) -> None:
     """State written every epoch; the run dies after epoch 12; the resumed run ends bit-identical.
 
     Exact equality holds because the checkpoint holds every random generator the loop draws
     from (torch's and the loader's) and CPU kernels are deterministic at a fixed thread count.
+    With a short member of 8 epochs, the run dies while it rests: its optimiser, schedule and
+    weight average must come back as they stopped.
     """
-    config = SMALL.model_copy(update={"epochs": 20, "input_noise": 0.3})
+    config = SMALL.model_copy(update={"epochs": 20, "input_noise": 0.3, "short_member_epochs": short_member_epochs})
     batches = _batches(_correlated(64, 0), _correlated(16, 1))
     uninterrupted = train_flow(batches, config, seed=3)
     resume_file = tmp_path / "training.pt"
