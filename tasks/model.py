@@ -124,9 +124,9 @@ class FlowEnsemble(torch.nn.Module):
     while the others carry the fit people's. On the tuning splits, trained as confirmation trains
     them, the default's two flows of 350 epochs and one of 100 (shares 0.35, 0.35, 0.3) scored
     0.9 nats per face higher on unseen people and 0.4 higher on known people's held-out faces than
-    the previous default's two equal flows of 300 epochs (256 units, floor 0.05; docs/quality.md). Samples are drawn from the members by their
-    shares; a latent walk (``inverse``, ``forward``) is the first member's: a mixture of densities has
-    no latent space of its own.
+    the previous default's two equal flows of 300 epochs (256 units, floor 0.05; docs/quality.md).
+    Samples are drawn from the members by their shares; a latent walk (``inverse``, ``forward``) is
+    the first member's: a mixture of densities has no latent space of its own.
     """
 
     def __init__(
@@ -140,24 +140,18 @@ class FlowEnsemble(torch.nn.Module):
             raise ValueError(f"{len(members)} members need as many positive weights, got {list(weights)}")
         self.register_buffer("log_weights", (shares / shares.sum()).log().float(), persistent=False)
 
-    def _member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member.flow_log_prob(x) for member in self.members])
-
-    def flow_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self._member_log_probs(x).mean(0)
-
     def gaussian_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return self.members[0].gaussian_log_prob(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        mixture = torch.logsumexp(self._member_log_probs(x) + self.log_weights[:, None], 0)
+        member_log_p = torch.stack([member.flow_log_prob(x) for member in self.members])
+        mixture = torch.logsumexp(member_log_p + self.log_weights[:, None], 0)
         return _with_floor(self, mixture, x)
 
     def sample(self, num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_samples`` faces, each from a member drawn by its weight, in the order drawn; with the ensemble's log p."""
-        chosen = torch.multinomial(self.log_weights.exp().cpu(), num_samples, replacement=True) if num_samples else (
-            torch.empty(0, dtype=torch.long)
-        )
+        shares = self.log_weights.exp().cpu()
+        chosen = torch.multinomial(shares, num_samples, replacement=True) if num_samples else torch.empty(0, dtype=torch.long)
         x = torch.empty(num_samples, self.members[0].flows[-1].t.shape[-1], device=self.members[0].flows[-1].t.device)
         for index, member in enumerate(self.members):
             taken = chosen == index

@@ -214,7 +214,7 @@ def train_flow(
     spec = ModelSpec(
         dim=fit.shape[1], num_layers=config.num_layers, hidden_units=config.hidden_units,
         gaussian_weight=config.gaussian_weight, members=config.members,
-        member_weights=tuple(config.member_weights()) if config.members > 1 else (),
+        member_weights=tuple(config.member_weights()),
     )
     member_epochs = config.member_epochs()
     full_length = member_epochs.count(config.epochs)  # the members that train every epoch come first
@@ -232,7 +232,9 @@ def train_flow(
     ]
     noise_scale = input_noise_scale(std, config)
     with torch.no_grad():  # ActNorm's data-dependent init on the fit faces as training sees them: noisy
-        model.flow_log_prob(clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device))
+        noisy = clean + noise_scale * torch.randn(clean.shape, generator=noise, device=device)
+        for member in members:
+            member.flow_log_prob(noisy)
     # Weight averaging smooths the last, noisy steps; evaluation and the kept state use it.
     averaged = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluated = averaged.module if averaged is not None else model
