@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,15 @@ def store(tmp_path_factory: pytest.TempPathFactory, faces) -> Path:
     return grown_store(tmp_path_factory.mktemp("grown"), faces)
 
 
+def part_by_rule(image_id: str, config: DataConfig) -> str:
+    """docs/data.md's rule: u = sha256("faceflow-split:<seed>:<id>") as a number in [0, 1); held-out below h, then validation."""
+    digest = hashlib.sha256(f"faceflow-split:{config.split_seed}:{image_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < config.heldout_fraction:
+        return "heldout"
+    return "validation" if u < config.heldout_fraction + config.validation_fraction else "fit"
+
+
 def parts_by_id(faces, config: DataConfig) -> dict[str, str]:
     split = split_indices(faces, config)
     return {faces.image_ids[i]: part for part in ("fit", "validation", "heldout") for i in getattr(split, part)}
@@ -57,8 +67,12 @@ def test_adding_people_and_photos_moves_no_existing_image_to_another_part(store:
     moved = {identity: (part, after[identity]) for identity, part in before.items() if after[identity] != part}
     assert not moved
     # The grown person's 2 new photos take parts of their own; the 10 old ones keep theirs.
-    grown = [i for i in range(len(second.images)) if second.person_of(i) == GROWN]
-    assert len(grown) == 12
+    grown = {second.image_ids[i] for i in range(len(second.images)) if second.person_of(i) == GROWN}
+    old = {first.image_ids[i] for i in range(len(first.images)) if first.person_of(i) == GROWN}
+    assert len(old) == 10 and old < grown and len(grown - old) == 2
+    assert {identity: after[identity] for identity in old} == {identity: before[identity] for identity in old}
+    # Every image's part, old or new, is the one its own id gives (docs/data.md), computed here from that rule alone.
+    assert after == {identity: part_by_rule(identity, config) for identity in second.image_ids}
 
 
 def test_faces_name_their_version_and_key_by_its_id(store: Path) -> None:
