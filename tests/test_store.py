@@ -176,6 +176,42 @@ def test_a_writer_killed_mid_ingest_leaves_no_partial_version(tmp_path: Path) ->
     assert len(list((tmp_path / "faces" / "images").glob("*.npy"))) == 2
 
 
+DIE_BEFORE_THE_POINTER = """
+import os, signal, sys
+import numpy as np
+from pathlib import Path
+import tasks.store
+from tasks.store import FaceStore
+write_file = tasks.store.write_file
+
+def dying_write(path, data):  # the writer dies of SIGKILL between its commit (the version folder) and the pointer
+    if Path(path).name == "LATEST":
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_file(path, data)
+
+tasks.store.write_file = dying_write
+FaceStore(Path(sys.argv[1])).add(np.random.default_rng(1).random((3, 64, 64), dtype=np.float32), ["b"] * 3, ["second"] * 3)
+"""
+
+
+def test_a_writer_killed_between_its_commit_and_the_pointer_leaves_latest_right_and_the_next_writer_repairs_it(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "faces"
+    store = FaceStore(root)
+    first = store.add(new_faces(4, 0), ["a"] * 4, ["first"] * 4).version
+    child = subprocess.run([sys.executable, "-c", DIE_BEFORE_THE_POINTER, str(root)], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    second = store.resolve("2")  # committed: its folder is in place, whole
+    assert (root / "LATEST").read_text().strip() == first.id  # the pointer was left one behind
+    # Readers go by the version folders, not by the stale pointer.
+    assert store.latest() == second and store.resolve("latest") == second
+    # The next writer, holding the lock, repairs the pointer even when it writes no version of its own.
+    assert store.add(new_faces(4, 0), ["a"] * 4, ["first"] * 4).version is None
+    assert (root / "LATEST").read_text().strip() == second.id
+
+
 def test_two_ingests_at_once_both_land(tmp_path: Path) -> None:
     store = FaceStore(tmp_path / "faces")
     store.add(new_faces(4, 0), ["a"] * 4, ["first"] * 4)
