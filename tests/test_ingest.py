@@ -97,6 +97,61 @@ def test_an_npz_and_an_olivetti_layout_mat_are_ingested(tmp_path: Path, store: P
     assert FaceStore(store).latest().images == 406
 
 
+def test_a_duplicate_offered_under_another_name_keeps_its_stored_name_and_is_reported(tmp_path: Path, store: Path, faces) -> None:
+    stored = faces.images[0]  # olivetti-00's first image, in version 1
+    new = np.random.default_rng(4).random((64, 64), dtype=np.float32)
+    np.savez(tmp_path / "bob.npz", images=np.stack([stored, new]), people=np.array(["bob", "bob"]))
+    done = faceflow("ingest", str(tmp_path / "bob.npz"), store=store)
+    assert done.returncode == 0, done.stderr
+    assert "1 duplicates carry another person's name here; the stored name stays" in done.stderr
+    assert "1 added, 1 duplicates skipped" in done.stdout
+    rows = {row["image_id"]: row for row in FaceStore(store).manifest(FaceStore(store).latest())}
+    assert rows[image_id(stored)]["person"] == "olivetti-00" and rows[image_id(stored)]["added_in"] == "1"
+    assert rows[image_id(new)]["person"] == "bob"
+    assert sum(row["person"] == "bob" for row in rows.values()) == 1
+
+
+def _pgm(path: Path, levels: np.ndarray, maxval: int) -> None:
+    """A binary (P5) PGM written byte by byte: 8-bit levels, or 16-bit big-endian ones."""
+    body = levels.astype(">u2" if maxval > 255 else "u1").tobytes()
+    path.write_bytes(f"P5\n{levels.shape[1]} {levels.shape[0]}\n{maxval}\n".encode() + body)
+
+
+def test_16_bit_png_and_pgm_any_suffix_case_and_dot_files_skipped(tmp_path: Path, store: Path) -> None:
+    """docs/data.md: .png .jpg .jpeg .pgm in any case; 8-bit levels / 255, 16-bit / 65535; names starting with '.' skipped."""
+    rng = np.random.default_rng(5)
+    ann = tmp_path / "in" / "ann"
+    ann.mkdir(parents=True)
+    eight = [rng.integers(0, 256, size=(64, 64), dtype=np.uint8) for _ in range(4)]
+    sixteen = [rng.integers(0, 65536, size=(64, 64), dtype=np.uint16) for _ in range(2)]
+    Image.fromarray(eight[0]).save(ann / "a.PNG")
+    _pgm(ann / "b.pgm", eight[1], 255)
+    _pgm(ann / "c.PGM", sixteen[0], 65535)
+    Image.fromarray(sixteen[1]).save(ann / "d.png")  # Pillow writes uint16 as a 16-bit grayscale PNG
+    Image.fromarray(eight[2]).save(ann / "e.JPG", quality=95)
+    Image.fromarray(eight[3]).save(ann / "f.Jpeg", quality=95)
+    # What a desktop leaves behind, none of it an image: every one would be refused if it were read.
+    (ann / "._a.PNG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (ann / ".thumbnails").mkdir()
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "in" / ".cache").mkdir()
+    (tmp_path / "in" / ".cache" / "notes.txt").write_text("not a person")
+
+    done = faceflow("ingest", str(tmp_path / "in"), "--json", store=store)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert (answer["added"], answer["duplicates"], answer["converted"], answer["new_people"]) == (6, 0, 0, ["ann"])
+    read = FaceStore(store).read(FaceStore(store).latest())
+    arrived = {source: image for source, image, n in zip(read.sources, read.images, read.added_in) if n == 2}
+    assert sorted(arrived) == [f"in/ann/{name}" for name in ("a.PNG", "b.pgm", "c.PGM", "d.png", "e.JPG", "f.Jpeg")]
+    exact = {"a.PNG": eight[0] / np.float32(255), "b.pgm": eight[1] / np.float32(255),
+             "c.PGM": sixteen[0] / np.float32(65535), "d.png": sixteen[1] / np.float32(65535)}
+    for name, expected in exact.items():
+        np.testing.assert_array_equal(arrived[f"in/ann/{name}"], expected.astype(np.float32), err_msg=name)
+    for name, levels in (("e.JPG", eight[2]), ("f.Jpeg", eight[3])):  # lossy: near the levels written, / 255
+        assert np.abs(arrived[f"in/ann/{name}"] - levels / 255.0).mean() < 0.05, name
+
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     """name -> (path to ingest, what the one-line error must name)."""
     good = np.random.default_rng(2).random((64, 64))
