@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import hashlib
+import http.server
+import threading
+import time
 import urllib.error
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +111,90 @@ def test_tuning_split_drops_the_heldout_faces_and_judges_on_the_retraining_valid
     assert len(used) == len(set(used.tolist())) == 400 - len(run.heldout)
     assert not set(used.tolist()) & set(run.heldout.tolist())
     assert (len(tuning.validation) == 0) == (validation_fraction == 0.0)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    url: str
+    statuses: list[int]  # the HTTP status of every request, in order
+
+
+@contextmanager
+def flaky_mirror(payload: bytes, failures: int) -> Iterator[Mirror]:
+    """The internet's copy of olivettifaces.mat, on 127.0.0.1: its first ``failures`` requests get 503, then the file."""
+    statuses: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            status = 503 if len(statuses) < failures else 200
+            statuses.append(status)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload) if status == 200 else 0))
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Mirror(f"http://127.0.0.1:{server.server_port}/files/5976027", statuses)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_fetch_faces_retries_a_failing_download_three_times_2_10_30_s_apart(
+    tmp_path: Path, data_file: Path, prefect_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: on first use without a data file, the download is retried 3 times (2, 10, 30 s), by the task itself.
+
+    Only the internet is faked: scikit-learn's download of the Olivetti file is pointed at a mirror on
+    127.0.0.1 that fails the first 3 attempts (2 requests each: faceflow asks scikit-learn for one retry
+    of its own), then serves the file.
+    """
+    import sklearn.datasets._olivetti_faces as olivetti
+    from prefect import flow
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from commands.runner import flush_to_api
+    from commands.server import local_server
+    from support import client
+    from tasks.steps import fetch_faces
+
+    payload = data_file.read_bytes()
+    for variable, value in (("SCIKIT_LEARN_DATA", tmp_path / "sklearn"), ("FACEFLOW_FACES_DIR", tmp_path / "faces")):
+        monkeypatch.setenv(variable, str(value))
+    monkeypatch.delenv("FACEFLOW_DATA_FILE", raising=False)
+
+    @flow(name="fetch-only")
+    def fetch_only() -> int:
+        return len(fetch_faces(None, "latest").images)
+
+    with flaky_mirror(payload, failures=6) as mirror, local_server(prefect_home, timeout=300) as server:
+        monkeypatch.setattr(olivetti, "FACES", olivetti.RemoteFileMetadata(
+            filename="olivettifaces.mat", url=mirror.url,
+            checksum=hashlib.sha256(payload).hexdigest()))
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            state = fetch_only(return_state=True)
+            flush_to_api()  # task run states reach the server as events
+        assert state.is_completed() and state.result() == 400, state.message
+        assert mirror.statuses == [503] * 6 + [200]
+        deadline = time.monotonic() + 60
+        with client(server.api_url) as prefect:
+            while True:  # until the server has recorded the task run's last state (events arrive in their own time)
+                (run,) = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                history = sorted(prefect.read_task_run_states(run.id), key=lambda s: s.timestamp)
+                if (history and history[-1].name == "Completed") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)  # poll interval of the bounded wait (60 s) for the recorded states
+    assert run.name.startswith("fetch_faces") and run.run_count == 4
+    names = [s.name for s in history]
+    assert names[-7:] == ["AwaitingRetry", "Retrying"] * 3 + ["Completed"], names
+    waits = [(s.state_details.scheduled_time - s.timestamp).total_seconds() for s in history if s.name == "AwaitingRetry"]
+    assert waits == [pytest.approx(delay, abs=1.0) for delay in (2, 10, 30)], waits
