@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from artifacts.rankings import short_time
-from artifacts.report import format_nats
 from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
@@ -157,8 +157,13 @@ def test_the_leaderboard_lists_every_challenger(retrained: dict) -> None:
     table, items = _table_and_list(artifact.data)
     assert artifact.type == "markdown" and len(table) == len(items) == 3
     for cells, item, (number, row) in zip(table, items, list(enumerate(saved, start=1))[::-1], strict=True):
-        assert cells == [str(number), short_time(row["time"]), str(row["seed"]), str(row["faces judged"]),
-                         f"{row['validation pixels']:.2f}", format_nats(row["champion pixels"]) if number > 1 else "–",
+        # The expected cells from the raw numbers, not through the artifact's formatters: a UTC time to the
+        # minute, nats to two decimals, no champion to compare the first challenger with.
+        day, minute = re.fullmatch(r"(\d{4}-\d\d-\d\d)T(\d\d:\d\d):\d\d\+00:00", row["time"]).groups()
+        champion = row["champion pixels"]
+        assert (champion is None) == (number == 1) and (champion is None or math.isfinite(champion))
+        assert cells == [str(number), f"{day} {minute}", str(row["seed"]), str(row["faces judged"]),
+                         f"{row['validation pixels']:.2f}", "–" if champion is None else f"{champion:.2f}",
                          "yes" if row["promoted"] else "no"]
         assert item == f"**#{number}** {row['challenger']}: {row['why']}; run folder `{row['run folder']}`"
 
