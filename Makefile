@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT ?= false
 
-.PHONY: install system-packages run ui test rehearsal screenshots bench clean
+.PHONY: install system-packages run ui test test-fast rehearsal screenshots bench clean
 
 install: $(STAMP)
 
@@ -41,8 +41,19 @@ system-packages:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; fi; \
 	case "$$missing" in *redis-server*) service redis-server stop >/dev/null 2>&1 || true;; esac
 
+# pytest-xdist runs whole modules side by side (--dist loadscope), longest first (tests/conftest.py's
+# LONGEST_FIRST; --no-loadscope-reorder keeps that order): most modules wait on servers and
+# subprocesses rather than compute, so 3 workers fit 2 cores. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: $(STAMP) system-packages
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# For development: everything but the browser walk and the several-machine rehearsal (`make test` and CI
+# run those too).
+FAST_SKIP = --ignore=tests/test_rehearsal.py --ignore=tests/test_ui_walk.py
+test-fast: $(STAMP) system-packages
+	$(BIN)/python -m pytest $(XDIST) $(FAST_SKIP) $(PYTEST_ARGS)
 
 # The several-machine set-up of docs/operations.md on this machine (PostgreSQL, Redis, Dask, two
 # workers), checked, with its figures printed; also part of `make test`.

@@ -6,7 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
-# Before anything imports prefect: this session's database and result cache are its own.
+# Before anything imports prefect: this session's database and result cache are its own (each pytest-xdist
+# worker imports this file afresh, so each worker has its own).
 _SESSION_HOME = tempfile.mkdtemp(prefix="faceflow-test-prefect-")
 os.environ["PREFECT_HOME"] = _SESSION_HOME
 # ... and so is its face store: tests never write faces/ in the repository.
@@ -50,8 +51,32 @@ def _one_compute_thread():
         yield
 
 
+# Modules by their measured time, longest first (pytest --durations=0 on a loaded 2-core machine). With
+# pytest-xdist (`make test` runs `-n 3 --dist loadscope --no-loadscope-reorder`) each module runs whole on
+# one worker, in this order, so the longest start first and the short ones fill in behind them; modules not
+# named here follow in pytest-randomly's order. Within a module the random order stands.
+LONGEST_FIRST = [
+    "test_rehearsal.py", "test_ui.py", "test_faults.py", "test_bad_input.py", "test_ui_walk.py", "test_pipeline.py",
+    "test_server.py", "test_retrain.py", "test_sweep.py", "test_forget.py", "test_redis_locks.py", "test_registry.py",
+    "test_new_people.py", "test_train.py", "test_image_space.py", "test_signals.py",
+]
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first (LONGEST_FIRST); a stable sort keeps pytest-randomly's order otherwise.
+
+    Runs after pytest-randomly's shuffle (its hook is tryfirst), on every xdist worker alike: they share its seed.
+    """
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """The session's Prefect home (database, cached results) goes with the session."""
+    """The session's Prefect home (database, cached results) goes with the session.
+
+    Under pytest-xdist every worker is a process of its own that imported this file: its own home and face
+    store, removed when that worker's session ends.
+    """
     import shutil
 
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)

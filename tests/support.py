@@ -19,6 +19,23 @@ from commands.server import api_url_for, free_port, server_url
 TAG_VARIABLE = "FACEFLOW_TEST_TAG"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# A light model for tests of orchestration, caching, faults and files, which assert no quality: one narrow
+# flow of two coupling layers (the default: 3 flows of 192 units, 3 layers) and a GaussianMixture of at most
+# 2 components (default 20). Quality is tested on the default model (test_model, test_train,
+# test_new_people, test_image_space) and measured by `make bench`.
+LIGHT_TRAIN = {"members": 1, "hidden_units": 16, "num_layers": 2}
+LIGHT_BASELINES = {"gmm_max_components": 2}
+# The same as `faceflow run`/`retrain` options ...
+LIGHT_OPTIONS = ["--members", "1", "--hidden-units", "16", "--num-layers", "2", "--gmm-max-components", "2"]
+
+
+def light_config(config: dict | None = None) -> dict:
+    """... and as a flow's ``config`` parameter: ``config`` with the light model's fields added to its sections."""
+    config = dict(config or {})
+    config["train"] = LIGHT_TRAIN | config.get("train", {})
+    config["baselines"] = LIGHT_BASELINES | config.get("baselines", {})
+    return config
+
 
 def new_tag() -> str:
     return uuid.uuid4().hex

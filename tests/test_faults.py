@@ -25,7 +25,7 @@ import torch
 from artifacts.run_folder import OutputFolderError, write_run_folder
 from commands.server import local_server
 from conftest import copy_home
-from support import assert_no_process_left, faceflow, tagged_env, wait_for_text
+from support import LIGHT_OPTIONS, assert_no_process_left, faceflow, tagged_env, wait_for_text
 from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 
@@ -219,7 +219,7 @@ def test_sigterm_ends_a_stalled_download_promptly(tmp_path: Path, prefect_home: 
 
 def test_two_identical_concurrent_runs_compute_each_task_once(tmp_path: Path, data_file: Path, prefect_home: Path, tag: str) -> None:
     """Prefect's serializable cache isolation: the second run waits for the first and reads its results."""
-    arguments = ["run", "--json", "--epochs", "300", "--n-samples", "4", "--steps", "3", "--output-dir", str(tmp_path / "out")]
+    arguments = ["run", "--json", "--epochs", "300", "--n-samples", "4", "--steps", "3", *LIGHT_OPTIONS, "--output-dir", str(tmp_path / "out")]
     with local_server(prefect_home, timeout=300) as server:
         env = tagged_env(tag, prefect_home, FACEFLOW_DATA_FILE=str(data_file), PREFECT_API_URL=server.api_url)
         runs = [subprocess.Popen(faceflow(*arguments), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -239,7 +239,7 @@ def test_a_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path: Pa
 
     The reference is an uninterrupted run of the same configuration in another PREFECT_HOME.
     """
-    arguments = ["run", "--json", "--epochs", "1000", "--hidden-units", "64", "--num-layers", "2", "--gmm-max-components", "2",
+    arguments = ["run", "--json", "--epochs", "1000", "--members", "1", "--hidden-units", "64", "--num-layers", "2", "--gmm-max-components", "2",
                  "--n-samples", "4", "--steps", "3"]
 
     def env(home: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
 from faceflow.config import DataConfig
-from support import client, faceflow, store_snapshot
+from support import LIGHT_TRAIN, client, faceflow, store_snapshot
 from tasks.data import FaceLabels, split_indices
 from tasks.store import FaceStore, StoreError
 
@@ -119,7 +119,7 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
             found: dict = {"root": root, "results": []}
 
             def retrain(epochs: int, margin: float):
-                trained = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs})})
+                trained = config.model_copy(update={"train": config.train.model_copy(update={"epochs": epochs, **LIGHT_TRAIN})})
                 found["results"].append(faceflow_retrain(config=trained, promotion_margin=margin))
 
             def champion() -> dict:

@@ -19,6 +19,7 @@ import torch
 from artifacts.run_folder import run_folder_problems
 from conftest import REPO_ROOT, copy_home
 from commands.server import local_server
+from support import LIGHT_OPTIONS
 from tasks.model import load_checkpoint
 
 ALL_TASKS = {
@@ -39,7 +40,7 @@ RUN_FILES = {
     "interpolation.png", "metrics.json", "config.json", "split.json", "scores.csv",
     "training_history.csv", "pca.joblib", "model.pt", "manifest.json",
 }
-QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5"]
+QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5", *LIGHT_OPTIONS]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_identical_rerun_is_all_cached(server: str, workdir: Path, data_file: Pa
 
 
 def test_downstream_change_reruns_only_downstream(server: str, workdir: Path, data_file: Path, first_run: dict) -> None:
-    changed = faceflow_run(server, workdir, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "5")
+    changed = faceflow_run(server, workdir, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "5", *LIGHT_OPTIONS)
     expected = cached_but(DOWNSTREAM_OF_SAMPLES)
     assert changed["tasks"] == expected
     assert changed["output_dir"] != first_run["output_dir"]

@@ -15,7 +15,7 @@ import pytest
 from commands.runner import flush_to_api
 from commands.server import local_server
 from conftest import copy_home
-from support import client, faceflow
+from support import LIGHT_TRAIN, client, faceflow
 
 # (epochs, promotion margin): a first champion; a challenger better on validation but by less than
 # its (huge) margin; the same recipe again with the usual margin, which it clears.
@@ -41,7 +41,7 @@ def retrained(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
             for epochs, margin in CHALLENGERS:
                 config = RETRAIN_CONFIG.model_copy(update={
                     "output_dir": root / "outputs", "data": RETRAIN_CONFIG.data.model_copy(update={"data_file": data_file}),
-                    "train": RETRAIN_CONFIG.train.model_copy(update={"epochs": epochs}),
+                    "train": RETRAIN_CONFIG.train.model_copy(update={"epochs": epochs, **LIGHT_TRAIN}),
                     "sample": RETRAIN_CONFIG.sample.model_copy(update={"n_samples": 4}),
                 })
                 results.append(faceflow_retrain(config=config, promotion_margin=margin))

@@ -18,7 +18,7 @@ import pytest
 
 from commands.server import local_server
 from support import (
-    assert_no_process_left, describe, faceflow, flow_run_states, tagged_env, tagged_processes,
+    LIGHT_OPTIONS, assert_no_process_left, describe, faceflow, flow_run_states, tagged_env, tagged_processes,
     wait_for_text,
 )
 
@@ -110,7 +110,7 @@ def test_a_run_succeeds_with_both_cores_busy(tmp_path: Path, tag: str, data_file
     try:
         started = time.monotonic()
         process, stderr = start_run(
-            tmp_path, tmp_path / "home", tag, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "3", "--json"
+            tmp_path, tmp_path / "home", tag, data_file, "--epochs", "3", "--n-samples", "4", "--steps", "3", *LIGHT_OPTIONS, "--json"
         )
         stdout, _ = process.communicate(timeout=900)
         assert process.returncode == 0, stderr.read_text()[-3000:]

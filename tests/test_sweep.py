@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from support import (
-    assert_no_process_left, faceflow, kill_tagged, listening_addresses, new_tag, only_loopback, tagged_env, tagged_processes,
+    assert_no_process_left, faceflow, kill_tagged, light_config, listening_addresses, new_tag, only_loopback, tagged_env, tagged_processes,
 )
 
 # Two that train (long enough to be killed mid-way) and one that diverges.
@@ -23,7 +23,7 @@ DIVERGING_RATE = 1.0
 
 def spec_file(folder: Path, outputs: Path, rates: list[float]) -> Path:
     spec = {
-        "base": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 600, "hidden_units": 64}, "output_dir": str(outputs)},
+        "base": light_config({"data": {"validation_fraction": 0.1}, "train": {"epochs": 600}, "output_dir": str(outputs)}),
         "grid": {"train.learning_rate": rates},
     }
     path = folder / f"sweep-{len(rates)}.yaml"

@@ -16,11 +16,11 @@ import psutil
 from commands.alerts import CHAMPION_CHANGED, CRASHED, FAILED, NAMES
 from commands.server import SERVER_RECORD, free_port, is_healthy, local_server
 from support import (
-    AlertReceiver, RunningUI, assert_no_process_left, client, faceflow, listening_addresses, only_loopback, run_deployment,
+    LIGHT_OPTIONS, AlertReceiver, RunningUI, light_config, assert_no_process_left, client, faceflow, listening_addresses, only_loopback, run_deployment,
     save_webhook_block, tagged_processes, wait_for_state, wait_for_text,
 )
 
-QUICK_CONFIG = {"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}}
+QUICK_CONFIG = light_config({"train": {"epochs": 3}, "sample": {"n_samples": 4}, "interpolate": {"steps": 3}})
 
 
 def wait_for_a_running_task(api_url: str, flow_run_id: UUID, timeout: float) -> None:
@@ -128,7 +128,7 @@ def test_make_ui_serves_deployments_a_worker_and_runs_then_stops_on_ctrl_c(
 
     # `faceflow run` in another terminal finds this server instead of starting its own.
     cli = subprocess.run(
-        faceflow("run", "--json", "--epochs", "3", "--n-samples", "4", "--steps", "3", "--output-dir", str(outputs)),
+        faceflow("run", "--json", "--epochs", "3", "--n-samples", "4", "--steps", "3", *LIGHT_OPTIONS, "--output-dir", str(outputs)),
         env=ui.env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]

@@ -23,7 +23,7 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from artifacts.rankings import short_time
-from support import RunningUI, assert_no_process_left, client, run_deployment, wait_for_state
+from support import RunningUI, assert_no_process_left, client, light_config, run_deployment, wait_for_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -223,7 +223,7 @@ def test_a_person_walks_the_ui(ui: RunningUI, tmp_path: Path) -> None:
 
         # A retraining run, then its leaderboard: it fits the panel, and its one row is the first champion.
         retrain = run_deployment(ui.api_url, "weekly-retrain", {
-            "config": {"data": {"validation_fraction": 0.1}, "train": {"epochs": 5}, "output_dir": str(outputs)},
+            "config": light_config({"data": {"validation_fraction": 0.1}, "train": {"epochs": 5}, "output_dir": str(outputs)}),
         }, flow="faceflow-retrain")
         assert wait_for_state(ui.api_url, retrain, {"Completed"}, timeout=600) == "Completed"
         rows = json.loads((tmp_path / "models" / "leaderboard.json").read_text())
