@@ -30,9 +30,11 @@ CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
 RECORD = "champion.json"
 LEADERBOARD = "leaderboard.json"
 CHAMPION_VARIABLE = "faceflow-champion"  # the Prefect Variable that mirrors the champion's record
-# Test-only pauses: with this set to a folder, ``pause_point(name)`` writes ``<name>.<pid>.reached`` there and
-# waits for ``<name>.<pid>.go``, so a test can force an interleaving (a promotion between a reader's two reads).
+# Test-only pauses: with FACEFLOW_PAUSE_DIR a folder and FACEFLOW_PAUSE_AT naming the pauses (comma-separated),
+# ``pause_point(name)`` writes ``<name>.<pid>.reached`` there and waits for ``<name>.<pid>.go``, so a test can
+# force an interleaving (a promotion between a reader's two reads).
 PAUSE_VARIABLE = "FACEFLOW_PAUSE_DIR"
+PAUSE_AT_VARIABLE = "FACEFLOW_PAUSE_AT"
 
 
 class ChampionError(ValueError):
@@ -166,7 +168,7 @@ def append_leaderboard(models_dir: Path, row: dict[str, object]) -> list[dict[st
 def pause_point(name: str) -> None:
     """Test-only: with FACEFLOW_PAUSE_DIR set, say ``name`` was reached (by this process) and wait to be let go on."""
     folder = os.environ.get(PAUSE_VARIABLE)
-    if not folder:
+    if not folder or name not in os.environ.get(PAUSE_AT_VARIABLE, "").split(","):
         return
     reached, go = Path(folder) / f"{name}.{os.getpid()}.reached", Path(folder) / f"{name}.{os.getpid()}.go"
     reached.write_text(str(os.getpid()))
