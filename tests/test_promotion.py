@@ -101,7 +101,9 @@ def reached(pauses: Path, name: str, process: subprocess.Popen) -> bool:
 
 
 def release(pauses: Path, name: str, process: subprocess.Popen) -> None:
+    """Let ``process`` go on from pause ``name``, and wait until it has (so the pause can be counted again)."""
     (pauses / f"{name}.{process.pid}.go").touch()
+    wait_until(lambda: not reached(pauses, name, process) or process.poll() is not None, f"{process.pid} to go on from {name}")
 
 
 def waiting_on_lock(process: subprocess.Popen, lock_file: Path) -> bool:
