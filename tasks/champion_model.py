@@ -38,9 +38,9 @@ def load_pca(folder: Path) -> Any:
 
 def load_champion_from(folder: Path) -> LoadedChampion:
     """The champion in ``folder`` (a resolved champion folder, never the link): model, PCA, residual variance."""
-    model, _ = load_checkpoint(folder / "model.pt")
-    pause_point("champion-read")  # test-only: a promotion may swap the link here; this read stays in ``folder``
     pca = load_pca(folder)
+    pause_point("champion-read")  # test-only: a promotion may swap the link here; the next reads stay in ``folder``
+    model, _ = load_checkpoint(folder / "model.pt")
     metrics = folder / "metrics.json"
     variance = json.loads(metrics.read_text()).get("pca_residual_variance") if metrics.is_file() else None
     usable = isinstance(variance, (int, float)) and variance > 0

@@ -309,11 +309,11 @@ def test_a_promotion_between_a_readers_two_reads_leaves_it_one_champion_whole(
     first = promote(one, record(one, 1, -1.0), row(one, 1), models, alias, judged_against=None).folder
     pixels = faces.images[:5].reshape(5, -1).astype(np.float64)
     expected, otherwise = _pca_log_p(one, pixels), _pca_log_p(other, pixels)
-    assert not np.allclose(expected, otherwise)  # the two champions tell apart
+    assert not np.allclose(expected, otherwise)  # the two champions tell apart (their flows; the PCA may be shared)
     np.save(tmp_path / "faces.npy", pixels)
     env = pausing_env(server, pauses, "champion-read", FACEFLOW_MODELS_DIR=str(models))
     reader = spawn(faceflow("score", str(tmp_path / "faces.npy"), "--json"), env, tmp_path / "score.log", cwd=tmp_path)
-    wait_until(lambda: reached(pauses, "champion-read", reader), "the reader read the champion's model", reader)
+    wait_until(lambda: reached(pauses, "champion-read", reader), "the reader read the champion's PCA", reader)
     second = promote(other, record(other, 2, -2.0), row(other, 2), models, alias, judged_against=first.name).folder
     assert current_folder(models) == second.name
     release(pauses, "champion-read", reader)
