@@ -437,3 +437,51 @@ def test_check_keeps_a_set_aside_folder_whose_name_is_taken(tmp_path: Path, alia
     found = check(models, alias)
     assert any("back in history as" in line for line in found), found
     assert len(champions(models)) == 2 and current_folder(models) == name and not aside.exists()
+
+
+# -- rollback ------------------------------------------------------------------------------------------------------
+
+
+def test_a_rollback_to_a_stale_champion_is_refused_and_a_rollback_is_announced(
+    tmp_path: Path, server, alias, data_file: Path, monkeypatch,
+) -> None:
+    """Champions fitted on a version holding a forgotten person may not come back; a rollback sends its event."""
+    import dataclasses
+
+    import httpx
+
+    from flows.rollback import faceflow_rollback
+    from tasks.champion import ChampionError
+    from tasks.data import open_faces
+    from tasks.store import FaceStore
+
+    models, store_root = tmp_path / "models", tmp_path / "faces"
+    monkeypatch.setenv("FACEFLOW_MODELS_DIR", str(models))
+    monkeypatch.setenv("FACEFLOW_FACES_DIR", str(store_root))
+    first = open_faces(data_file, "latest", store_root)
+
+    def install_on(name: str, seed: int, version: str) -> str:
+        folder = run_folder(tmp_path, name)
+        done = promote(folder, dataclasses.replace(record(folder, seed, -float(seed)), faces_version=version),
+                       row(folder, seed), models, alias, judged_against=current_folder(models))
+        return done.folder.name
+
+    stale = install_on("a", 1, first.version)
+    second = FaceStore(store_root).forget(first.people[0]).version.id
+    kept = install_on("c", 3, second)
+    install_on("d", 4, second)
+    with pytest.raises(ChampionError, match=f"{stale} may not be used again: fitted on faces version"):
+        faceflow_rollback(reason="back to the old one", to=stale)
+    assert current_folder(models) != stale
+    done = faceflow_rollback(reason="d draws blurry faces", to=kept)
+    assert done["folder"] == kept == current_folder(models)
+
+    def announced():
+        answer = httpx.post(f"{server.api_url}/events/filter", json={
+            "filter": {"event": {"name": ["faceflow.champion.rolled-back"]}, "resource": {"id": [f"faceflow.champion.{kept}"]}},
+        }, timeout=10)
+        answer.raise_for_status()
+        return answer.json()["events"]
+
+    events = wait_until(announced, "the rollback's event on the server")
+    assert events[0]["payload"]["why"].endswith("d draws blurry faces") and events[0]["payload"]["folder"] == kept
