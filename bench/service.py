@@ -35,13 +35,13 @@ class _NoAlias:
 
 def _promote(folder: str, models: str, seed: int) -> None:
     from tasks.champion import ChampionRecord
-    from tasks.registry import promote
+    from tasks.registry import UNCHECKED, promote
 
     record = ChampionRecord(run_folder=folder, flow_run_id=f"bench-{seed}", seed=seed, config_digest="bench",
                             validation_log_prob=-float(seed), heldout_log_prob=-float(seed), promoted_at=f"{seed:04d}",
                             metrics={}, faces_version="bench")
     row = {"challenger": f"bench {seed}", "seed": seed, "promoted": True, "why": "bench", "run folder": folder}
-    promote(Path(folder), record, row, Path(models), _NoAlias())
+    promote(Path(folder), record, row, Path(models), _NoAlias(), judged_against=UNCHECKED)  # a race, not a judging
 
 
 def concurrent_promotions(scratch: Path) -> dict[str, Any]:

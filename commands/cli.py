@@ -26,7 +26,6 @@ from faceflow.settings import (
     API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, api_url_from_environment, data_file_from_environment, faces_dir,
     lock_seconds, models_dir, prefect_home, redis_url, server_start_timeout,
 )
-from tasks.champion import champion_path
 from tasks.olivetti import DataFileError, checked_faces_array
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="faceflow: a Prefect pipeline that learns a generative model of faces.")
@@ -299,12 +298,13 @@ def champion(
     json_output: Annotated[bool, typer.Option("--json", help="Print the record (or the history) as JSON.")] = False,
     history: Annotated[bool, typer.Option("--history", help="Every champion of the registry, oldest promotion first.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Check that the link, the faceflow-champion Variable and the "
-                                         "leaderboard agree, finishing or undoing an interrupted promotion.")] = False,
+                                         "leaderboard agree, finishing or undoing an interrupted promotion (every row and "
+                                         "champion folder kept).")] = False,
 ) -> None:
     """The champion model: its run folder, flow run, seed, faces version, validation and held-out log p, and if it is stale."""
     if context.invoked_subcommand is not None:
         return
-    from tasks.champion import read_champion
+    from tasks.champion import resolve_champion
 
     if check:
         _check_registry(json_output)
@@ -312,15 +312,16 @@ def champion(
     if history:
         _print_history(json_output)
         return
-    record = read_champion(models_dir())
-    if record is None:
+    champion = resolve_champion(models_dir())  # the link read once: the folder printed is the record's
+    if champion is None:
         typer.echo(f"no champion in {models_dir()} yet: the weekly-retrain deployment promotes the first one", err=True)
         raise typer.Exit(code=1)
+    record = champion.record
     stale = _stale(record)
     if json_output:
         typer.echo(json.dumps(record.to_json() | {"stale": stale}))
         return
-    typer.echo(f"champion: {champion_path(models_dir())} (from {record.run_folder})")
+    typer.echo(f"champion: {champion.path} (from {record.run_folder})")
     typer.echo(f"  promoted {record.promoted_at}, flow run {record.flow_run_id}, seed {record.seed}, "
                f"faces version {record.faces_version[:12] or 'none (before versions)'}")
     typer.echo(f"  validation log p {record.validation_log_prob:.2f}, held-out log p {record.heldout_log_prob:.2f} nats per face")
@@ -427,10 +428,10 @@ def sample(
     _refuse_unwritable(out)
     from artifacts import figures
     from tasks.champion import ChampionError
-    from tasks.champion_model import champion_samples
+    from tasks.champion_model import champion_samples, open_champion
 
     try:
-        images = champion_samples(models_dir(), n, temperature, seed)
+        images = champion_samples(open_champion(models_dir()), n, temperature, seed)
     except ChampionError as error:
         typer.echo(f"faceflow sample failed: {error}", err=True)
         raise typer.Exit(code=1) from None
@@ -450,7 +451,7 @@ def score(
 ) -> None:
     """log p of your own 64x64 faces under the champion, in nats per face: of its PCA coordinates, and of the pixels."""
     from tasks.champion import ChampionError
-    from tasks.champion_model import champion_image_log_prob, champion_log_prob, read_user_faces
+    from tasks.champion_model import champion_image_log_prob, champion_log_prob, open_champion, read_user_faces
 
     try:
         faces = read_user_faces(images)
@@ -458,13 +459,15 @@ def score(
         typer.echo(f"faceflow score refused: {error}", err=True)
         raise typer.Exit(code=2) from None
     try:
-        log_p = champion_log_prob(models_dir(), faces)
-        image_log_p = champion_image_log_prob(models_dir(), faces)
+        champion = open_champion(models_dir())  # the link resolved once: both figures from one champion
+        log_p = champion_log_prob(champion, faces)
+        image_log_p = champion_image_log_prob(champion, faces)
     except ChampionError as error:
         typer.echo(f"faceflow score failed: {error}", err=True)
         raise typer.Exit(code=1) from None
     if json_output:
-        answer = {"log_prob": [json_safe(v) for v in log_p.tolist()], "mean": json_safe(float(log_p.mean()))}
+        answer = {"champion": champion.folder.name, "log_prob": [json_safe(v) for v in log_p.tolist()],
+                  "mean": json_safe(float(log_p.mean()))}
         if image_log_p is not None:  # of the 4096 pixels: comparable between champions of different PCAs
             answer |= {
                 "image_log_prob": [json_safe(v) for v in image_log_p.tolist()],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from faceflow.keys import content_key
 from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
 from tasks.champion import (
-    ChampionRecord, Decision, append_leaderboard, decide, now_utc, read_champion, unseen_by_champion, validation_image_log_prob,
+    ChampionFolder, ChampionRecord, Decision, append_leaderboard, decide, now_utc, pause_point, resolve_champion,
+    unseen_by_champion, validation_image_log_prob,
 )
 from tasks.data import version_pixels
 from tasks.forgetting import stale_reason
@@ -29,6 +32,9 @@ from tasks.steps import promote_champion, score_champion
 from tasks.store import FaceStore
 
 RETRAIN_CONFIG = FaceflowConfig(data=DataConfig(validation_fraction=RETRAIN_VALIDATION_FRACTION))
+# How often a challenger is judged again when another promotion replaced the champion it was judged
+# against; then it is recorded as superseded. Each judging scores one champion on a few dozen faces.
+JUDGINGS = 3
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,11 @@ class RetrainResult:
     champion: dict[str, object] | None  # the champion after this run
 
 
-def seed_for(scheduled: datetime.datetime) -> int:
-    """A model seed derived from the run's scheduled time: each week a fresh one, a retried run the same."""
-    return int(scheduled.timestamp())
+def seed_for(scheduled: datetime.datetime, flow_run_id: str) -> int:
+    """A model seed from the run's scheduled time and its flow run id: each run a fresh one (two scheduled in the
+    same second too), a retried run (the same flow run) the same."""
+    digest = hashlib.sha256(f"{scheduled.isoformat()} {flow_run_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1  # below 2**31: every seed consumer takes it
 
 
 def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, error: str | None) -> dict:
@@ -64,7 +72,8 @@ def faceflow_retrain(
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
-    return challenge(config, promotion_margin, seed_for(scheduled), source=f"scheduled {scheduled.isoformat(timespec='seconds')}")
+    seed = seed_for(scheduled, str(flow_run.id))
+    return challenge(config, promotion_margin, seed, source=f"scheduled {scheduled.isoformat(timespec='seconds')}")
 
 
 def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> RetrainResult:
@@ -72,7 +81,11 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
 
     Both are scored on the same faces: this run's validation faces that the champion was not fitted
     on, by the log p of their pixels (image space), so champions of other PCA bases compare fairly;
-    held-out faces decide nothing. Every challenger gets a leaderboard row, with the count of faces judged.
+    held-out faces decide nothing. Every challenger gets a leaderboard row, with the count of faces judged
+    and the champion folder it was judged against. The promotion goes ahead only if that folder is
+    still the champion (compare and swap, under the registry's lock); if another promotion replaced
+    it meanwhile, the challenger is judged again against the new one (``JUDGINGS`` times at most, then
+    recorded as superseded): never promoted over a champion it was not compared with.
     """
     if config.data.validation_fraction <= 0:
         raise ValueError("promotion compares validation log p: config.data.validation_fraction must be above 0")
@@ -83,19 +96,55 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
         publish_leaderboard(append_leaderboard(models, row), row["why"])
         state.result()  # raises: a failed challenger fails the run that offered it
     challenger: PipelineResult = state.result()
-    row = _leaderboard_row(source, seed, challenger, None)
-
-    # Judged in image space (the pixels' log p), so models of different PCA bases compare, on the
-    # challenger's validation faces that the champion was not fitted on either.
-    champion = read_champion(models)
     ran = challenger.config or config  # data.faces_version resolved to the id the challenger ran on
+    record = ChampionRecord(
+        run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
+        config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": Path(".")})),
+        validation_log_prob=challenger.report.metrics["validation_log_prob"],
+        heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at="",
+        metrics=challenger.report.metrics, faces_version=ran.data.faces_version,
+    )
+    logger = get_run_logger()
+    for judging in range(1, JUDGINGS + 1):
+        # One read: the champion's link resolved once; its record, split and model all come from that folder.
+        champion = resolve_champion(models)
+        decision, row = judge(challenger, ran, champion, margin, _leaderboard_row(source, seed, challenger, None))
+        if not decision.promote:
+            publish_leaderboard(append_leaderboard(models, row), decision.reason)
+            logger.info(f"kept the champion: {decision.reason}")
+            return RetrainResult(False, decision.reason, row, champion.record.to_json() if champion else None)
+        pause_point("judged")  # test-only: another promotion may land here
+        promoted_at = dataclasses.replace(record, promoted_at=now_utc())
+        # Compare and swap: promoted only if the champion is still the one judged against.
+        done = promote_champion(challenger.report.folder, promoted_at, row, models, champion.name if champion else None)
+        if done.folder is not None:
+            publish_leaderboard(leaderboard(models), decision.reason)
+            logger.info(f"promoted: {decision.reason}")
+            return RetrainResult(True, decision.reason, row, promoted_at.to_json())
+        logger.info(f"the champion changed from {champion.name if champion else '(none)'} to {done.moved_to} while "
+                    f"this challenger was judged (judging {judging} of {JUDGINGS}): judged again against it")
+    reason = f"superseded: the champion changed {JUDGINGS} times while this challenger was judged; not promoted"
+    row |= {"promoted": False, "why": reason}
+    publish_leaderboard(append_leaderboard(models, row), reason)
+    logger.info(reason)
+    current = resolve_champion(models)
+    return RetrainResult(False, reason, row, current.record.to_json() if current else None)
+
+
+def judge(challenger: PipelineResult, ran: FaceflowConfig, champion: ChampionFolder | None, margin: float,
+          row: dict[str, object]) -> tuple[Decision, dict[str, object]]:
+    """The decision on ``challenger`` against ``champion`` (resolved once), and the challenger's leaderboard row.
+
+    Judged in image space (the pixels' log p), so models of different PCA bases compare, on the
+    challenger's validation faces that the champion was not fitted on either.
+    """
     judged = list(challenger.validation)
     champion_validation = None
     # A champion fitted on faces of a person since forgotten may not be used: not scored, replaced.
-    stale = stale_reason(FaceStore(faces_dir()), champion.faces_version) if champion is not None else None
+    stale = stale_reason(FaceStore(faces_dir()), champion.record.faces_version) if champion is not None else None
     if champion is not None and not stale:
-        judged = unseen_by_champion(models, judged, challenger.validation_ids)
-        champion_validation = score_champion(models, version_pixels(ran.data.faces_version, judged)) if judged else None
+        judged = unseen_by_champion(champion.path, judged, challenger.validation_ids)
+        champion_validation = score_champion(champion.path, version_pixels(ran.data.faces_version, judged)) if judged else None
     challenger_validation = validation_image_log_prob(challenger.report.folder, judged) if judged else None
     finite = challenger_validation is not None and math.isfinite(challenger_validation)
     if stale and finite:
@@ -105,23 +154,10 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     else:
         decision = decide(math.nan if challenger_validation is None else challenger_validation, champion_validation, margin,
                           faces=len(judged))
-    row |= {"faces judged": len(judged), "validation pixels": challenger_validation, "champion pixels": champion_validation,
-            "promoted": decision.promote, "why": decision.reason}
-    if decision.promote:
-        record = ChampionRecord(
-            run_folder=str(challenger.report.folder), flow_run_id=str(state.state_details.flow_run_id), seed=seed,
-            config_digest=content_key(config.model_copy(update={"seed": seed, "output_dir": Path(".")})),
-            validation_log_prob=challenger.report.metrics["validation_log_prob"],
-            heldout_log_prob=challenger.report.metrics["heldout_log_prob"], promoted_at=now_utc(),
-            metrics=challenger.report.metrics, faces_version=ran.data.faces_version,
-        )
-        promote_champion(challenger.report.folder, record, row, models)  # folder, link, Variable, row: one transaction
-        champion = record
-        publish_leaderboard(leaderboard(models), decision.reason)
-    else:
-        publish_leaderboard(append_leaderboard(models, row), decision.reason)
-    get_run_logger().info(f"{'promoted' if decision.promote else 'kept the champion'}: {decision.reason}")
-    return RetrainResult(decision.promote, decision.reason, row, champion.to_json() if champion else None)
+    return decision, row | {
+        "faces judged": len(judged), "validation pixels": challenger_validation, "champion pixels": champion_validation,
+        "judged against": champion.name if champion else None, "promoted": decision.promote, "why": decision.reason,
+    }
 
 
 def publish_leaderboard(rows: list[dict[str, object]], reason: str) -> None:

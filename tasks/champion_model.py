@@ -1,38 +1,68 @@
-"""The champion at work without a flow run: log p of anyone's faces, and new faces from it."""
+"""The champion at work without a flow run: log p of anyone's faces, and new faces from it.
+
+Each use opens the champion once (``open_champion``: the link resolved once, every file read
+from the folder it named), so a promotion in between never pairs one champion's flow with
+another's PCA.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
 import torch
 
-from tasks.champion import ChampionError, champion_path
+from tasks.champion import ChampionError, pause_point, resolve_champion
 from tasks.model import load_checkpoint, seeded
 from tasks.olivetti import IMAGE_SHAPE
 
 
-def load_champion_model(models_dir: Path):
-    """(flow, fitted PCA) of the champion; a clear error when there is none."""
-    folder = champion_path(models_dir)
-    if not (folder / "model.pt").is_file():
-        raise ChampionError(f"no champion in {str(models_dir)!r} yet: run the retraining flow (weekly-retrain) first")
+@dataclass(frozen=True)
+class LoadedChampion:
+    """A champion's model, PCA and residual variance, every file read from one folder."""
+
+    folder: Path
+    model: Any
+    pca: Any
+    residual_variance: float | None  # None for a champion promoted before image-space log p existed
+
+
+def load_pca(folder: Path) -> Any:
+    """The fitted PCA in a champion (or run) folder."""
+    return joblib.load(folder / "pca.joblib")
+
+
+def load_champion_from(folder: Path) -> LoadedChampion:
+    """The champion in ``folder`` (a resolved champion folder, never the link): model, PCA, residual variance."""
+    pca = load_pca(folder)
+    pause_point("champion-read")  # test-only: a promotion may swap the link here; the next reads stay in ``folder``
     model, _ = load_checkpoint(folder / "model.pt")
-    pca = joblib.load(folder / "pca.joblib")
-    return model, pca
+    metrics = folder / "metrics.json"
+    variance = json.loads(metrics.read_text()).get("pca_residual_variance") if metrics.is_file() else None
+    usable = isinstance(variance, (int, float)) and variance > 0
+    return LoadedChampion(folder, model, pca, float(variance) if usable else None)
 
 
-def champion_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray:
+def open_champion(models_dir: Path) -> LoadedChampion:
+    """The current champion, its link resolved once; a clear error when there is none."""
+    champion = resolve_champion(models_dir)
+    if champion is None:
+        raise ChampionError(f"no champion in {str(models_dir)!r} yet: run the retraining flow (weekly-retrain) first")
+    return load_champion_from(champion.path)
+
+
+def champion_log_prob(champion: LoadedChampion, pixels: np.ndarray) -> np.ndarray:
     """log p (nats per face, in the champion's PCA coordinates) of flattened 64x64 faces in [0, 1]."""
-    model, pca = load_champion_model(models_dir)
-    coords = pca.transform(np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)).astype(np.float32)
+    coords = champion.pca.transform(np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1)).astype(np.float32)
     with torch.no_grad():
-        return model.log_prob(torch.from_numpy(coords)).double().numpy()
+        return champion.model.log_prob(torch.from_numpy(coords)).double().numpy()
 
 
-def champion_image_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray | None:
+def champion_image_log_prob(champion: LoadedChampion, pixels: np.ndarray) -> np.ndarray | None:
     """log p of the pixels themselves (nats per face): the champion's PCA-space log p plus the residual's.
 
     sigma^2 is the one its run fitted (``pca_residual_variance`` in its metrics.json); None for a
@@ -40,23 +70,19 @@ def champion_image_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray 
     """
     from tasks.pca import pixel_scores
 
-    metrics = champion_path(models_dir) / "metrics.json"
-    variance = json.loads(metrics.read_text()).get("pca_residual_variance") if metrics.is_file() else None
-    if not isinstance(variance, (int, float)) or not variance > 0:
+    if champion.residual_variance is None:
         return None
-    model, pca = load_champion_model(models_dir)
-    coords, residual = pixel_scores(pca, pixels, float(variance))
+    coords, residual = pixel_scores(champion.pca, pixels, champion.residual_variance)
     with torch.no_grad():
-        return model.log_prob(torch.from_numpy(coords)).double().numpy() + residual
+        return champion.model.log_prob(torch.from_numpy(coords)).double().numpy() + residual
 
 
-def champion_samples(models_dir: Path, n: int, temperature: float, seed: int) -> np.ndarray:
+def champion_samples(champion: LoadedChampion, n: int, temperature: float, seed: int) -> np.ndarray:
     """``n`` new faces (n, 64, 64) in [0, 1] drawn from the champion, no flow run needed."""
-    model, pca = load_champion_model(models_dir)
     with seeded(seed), torch.no_grad():
-        model.set_temperature(temperature)
-        coords, _ = model.sample(n)
-    pixels = pca.inverse_transform(coords.double().numpy())
+        champion.model.set_temperature(temperature)
+        coords, _ = champion.model.sample(n)
+    pixels = champion.pca.inverse_transform(coords.double().numpy())
     return np.clip(pixels, 0.0, 1.0).reshape(n, *IMAGE_SHAPE).astype(np.float32)
 
 

@@ -1,13 +1,21 @@
 """The registry in ``models/``: the champion, every earlier champion, the leaderboard, changed one transaction at a time.
 
 A promotion (or a rollback) changes four things: the champion's folder, the ``champion`` link,
-the alias (the Prefect Variable ``faceflow-champion``, which the caller passes in as ``Alias``)
-and the leaderboard. It runs under the registry's lock and writes a journal first
-(``models/.transaction.json``: what it is about to do), which it deletes last. A process killed
-at any step leaves the journal behind; ``check`` (``faceflow champion --check``) then finishes the
-promotion when its folder was written whole, or undoes it when it was not, and makes the alias
-agree with the link, which is the truth. Every reader goes through the link, so it sees the old
-champion or the new one, never a mix.
+the leaderboard and the alias (the Prefect Variable ``faceflow-champion``, which the caller
+passes in as ``Alias``). It runs under the registry's lock and writes a journal first
+(``models/.transaction.json``: what it is about to do), which it deletes last.
+
+- **Compare and swap.** A promotion names the champion folder its challenger was judged against
+  (``judged_against``); under the lock it goes ahead only if that folder is still current, else it
+  changes nothing and says which one is (``Promotion.moved_to``), and the caller judges again.
+- **Recovery first.** Every transaction, and ``check`` (``faceflow champion --check``), first
+  finishes or undoes the one before it if that one left its journal (killed, or failed at a step,
+  e.g. the Variable could not be set): finished when its folder is whole, else undone with its
+  leaderboard row kept as not promoted. So no later transaction overwrites an earlier journal.
+- **No folder replaced.** Each promotion writes a folder of its own name (the transaction id is
+  part of it), so a champion folder never changes once written and a reader that resolved the
+  link once reads one champion whole. ``.<name>.old-<hex>`` folders left by earlier code's
+  same-name promotions are recovered into history.
 
 Prefect-free: the alias is any object with ``get()`` and ``set(record | None)``.
 """
@@ -20,7 +28,7 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +36,29 @@ from typing import Any, Protocol
 
 from artifacts.atomic import staged_folder, swap_link, write_file, write_synced
 from tasks.champion import (
-    CHAMPION_FILES, RECORD, ChampionError, ChampionRecord, append_leaderboard, champion_path, now_utc, read_champion,
+    CHAMPION_FILES, RECORD, ChampionError, ChampionRecord, append_leaderboard, champion_path, now_utc, pause_point,
+    resolve_champion,
 )
 
 JOURNAL = ".transaction.json"
 LOCK = ".registry.lock"
 # Test-only fault injection: the process SIGKILLs itself right after the named step of a promotion.
 FAULT_VARIABLE = "FACEFLOW_FAULT_AFTER"
-STEPS = ("journal", "folder", "link", "alias", "leaderboard")
+STEPS = ("journal", "folder", "link", "leaderboard", "alias")
+UNCHECKED = "(replace whatever is current)"  # ``judged_against`` for callers that judge nothing (benchmarks, tests)
+
+
+class RegistryError(ChampionError):
+    """A registry transaction could not be completed; its journal is kept for the next transaction or ``--check``."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What a promotion transaction did."""
+
+    folder: Path | None  # the champion folder it installed; None when it promoted nothing
+    moved_to: str | None = None  # the current champion, when it was no longer the one judged against (nothing written)
+    refused: str | None = None  # why ``admit`` refused the challenger (its leaderboard row says so)
 
 
 class Alias(Protocol):
@@ -72,36 +95,85 @@ def _fault(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def folder_name(run_folder: Path, record: ChampionRecord) -> str:
-    return f"champion-{run_folder.name.removeprefix('run-')}-{record.seed}"
+def folder_name(run_folder: Path, record: ChampionRecord, transaction: str) -> str:
+    """A name no other promotion uses: the same run promoted twice gets two folders, and no folder is ever replaced."""
+    return f"champion-{run_folder.name.removeprefix('run-')}-{record.seed}-{transaction[:8]}"
 
 
-def promote(run_folder: Path, record: ChampionRecord, row: dict[str, Any], models: Path, alias: Alias) -> Path:
-    """Make the run's model the champion: folder, link, alias, leaderboard row, as one transaction."""
+def current_folder(models: Path) -> str | None:
+    """The name of the champion folder the link names now (None when there is no champion)."""
+    champion = resolve_champion(models)
+    return champion.name if champion else None
+
+
+def promote(
+    run_folder: Path, record: ChampionRecord, row: dict[str, Any], models: Path, alias: Alias, *,
+    judged_against: str | None, admit: Callable[[ChampionRecord], str | None] | None = None,
+) -> Promotion:
+    """Make the run's model the champion (folder, link, leaderboard row, alias: one transaction), if the champion is
+    still ``judged_against`` (its folder name; None for no champion) and ``admit(record)`` names no reason against it.
+
+    When the champion moved, nothing is written: ``moved_to`` names the current one, to judge against.
+    When ``admit`` refuses, the row is written as not promoted, with the reason. ``UNCHECKED`` replaces
+    whatever is current (for callers that judge nothing).
+    """
     with registry_lock(models):
-        target = models / folder_name(run_folder, record)
-        row = row | {"transaction": uuid.uuid4().hex}
+        _recover(models, alias, repair=True)
+        current = current_folder(models)
+        if judged_against != UNCHECKED and current != judged_against:
+            return Promotion(None, moved_to=current or "(no champion)")
+        pause_point("promotion-checked")  # test-only: a second promotion waits on the lock here, never judges on
+        transaction = uuid.uuid4().hex
+        row = row | {"transaction": transaction}
+        refused = admit(record) if admit else None
+        if refused:
+            append_leaderboard(models, row | {"promoted": False, "why": f"not promoted: {refused}"})
+            return Promotion(None, refused=refused)
+        target = models / folder_name(run_folder, record, transaction)
         _journal(models, {"kind": "promotion", "folder": target.name, "record": record.to_json(), "row": row})
         _fault("journal")
-        with staged_folder(target) as staging:
-            for name in CHAMPION_FILES:
-                shutil.copy2(run_folder / name, staging / name)
-            write_synced(staging / RECORD, json.dumps(record.to_json(), indent=1).encode())
-        _fault("folder")
-        _finish(models, target.name, record, row, alias)
-        return target
+        _steps(target.name, lambda: _write_folder(run_folder, record, target), lambda: _finish(models, target.name, record, row, alias))
+        return Promotion(target)
+
+
+def _write_folder(run_folder: Path, record: ChampionRecord, target: Path) -> None:
+    with staged_folder(target) as staging:
+        for name in CHAMPION_FILES:
+            shutil.copy2(run_folder / name, staging / name)
+        write_synced(staging / RECORD, json.dumps(record.to_json(), indent=1).encode())
+    _fault("folder")
+
+
+def _steps(folder: str, *steps: Callable[[], None]) -> None:
+    """Run a transaction's steps; a failure at any of them says the journal keeps the transaction for repair."""
+    try:
+        for step in steps:
+            step()
+    except Exception as error:
+        raise RegistryError(
+            f"the transaction to {folder} stopped part way ({type(error).__name__}: {error}); its journal "
+            f"{JOURNAL} keeps it: the next promotion or rollback, or `faceflow champion --check`, finishes or undoes it"
+        ) from error
 
 
 def _finish(models: Path, folder: str, record: ChampionRecord, row: dict[str, Any], alias: Alias) -> None:
-    """The steps after the folder: link, alias, leaderboard row (once), then the journal goes."""
+    """The steps after the folder: link, leaderboard row (once), alias, then the journal goes.
+
+    The row comes before the alias: a Variable that cannot be set (the server down) leaves the
+    history whole on disk, and the journal for the next transaction or ``--check`` to finish.
+    """
     swap_link(champion_path(models), folder)
     _fault("link")
+    _append_once(models, row)
+    _fault("leaderboard")
     alias.set(record.to_json())
     _fault("alias")
+    (models / JOURNAL).unlink(missing_ok=True)
+
+
+def _append_once(models: Path, row: dict[str, Any]) -> None:
     if not any(r.get("transaction") == row["transaction"] for r in leaderboard(models)):
         append_leaderboard(models, row)
-    _fault("leaderboard")
-    (models / JOURNAL).unlink(missing_ok=True)
 
 
 def _journal(models: Path, entry: dict[str, Any]) -> None:
@@ -132,6 +204,7 @@ def rollback(models: Path, alias: Alias, to: str | None, who: str, why: str, sta
     returns why a champion may not be used (fitted on a forgotten person), or None.
     """
     with registry_lock(models):
+        _recover(models, alias, repair=True)
         history = champions(models)
         current = next((c for c in history if c.current), None)
         if current is None:
@@ -161,40 +234,28 @@ def rollback(models: Path, alias: Alias, to: str | None, who: str, why: str, sta
                "why": f"rolled back from {current.folder} to {chosen.folder}: {why}", "run folder": record.run_folder,
                "transaction": uuid.uuid4().hex}
         _journal(models, {"kind": "rollback", "folder": chosen.folder, "record": record.to_json(), "row": row})
-        _finish(models, chosen.folder, record, row, alias)
+        _steps(chosen.folder, lambda: _finish(models, chosen.folder, record, row, alias))
         return Champion(chosen.folder, record, True), row
 
 
 def check(models: Path, alias: Alias, repair: bool = True) -> list[str]:
     """What is inconsistent in the registry (empty when all agree); with ``repair``, each is put right.
 
-    An interrupted transaction is finished when its champion folder is whole, else undone; then
-    the alias is made to name the champion the link names; staging left by a killed writer goes.
+    An interrupted transaction is finished when its champion folder is whole, else undone (its
+    row kept, as not promoted); champion folders set aside by earlier code's same-name promotions
+    (``.<name>.old-<hex>``) go back into history; the alias is made to name the champion the link
+    names; staging left by a killed writer goes.
     """
-    found: list[str] = []
     with registry_lock(models):
-        journal = models / JOURNAL
-        if journal.is_file():
-            entry = json.loads(journal.read_text())
-            folder = models / entry["folder"]
-            whole = all((folder / name).is_file() for name in (*CHAMPION_FILES, RECORD))
-            if whole:
-                found.append(f"a {entry['kind']} to {entry['folder']} was interrupted: "
-                             + ("finished (link, Variable, leaderboard row)" if repair else "its folder is whole"))
-                if repair:
-                    _finish(models, entry["folder"], ChampionRecord(**entry["record"]), entry["row"], alias)
-            else:
-                found.append(f"a {entry['kind']} to {entry['folder']} was interrupted before its folder was whole: "
-                             + ("undone" if repair else "not done"))
-                if repair:
-                    journal.unlink()
+        found = _recover(models, alias, repair)
         for partial in sorted(models.glob(".*.partial")):
             found.append(f"{partial.name}: staging left by a killed writer" + (", deleted" if repair else ""))
             if repair and partial.is_dir():
                 shutil.rmtree(partial, ignore_errors=True)
             elif repair:
                 partial.unlink(missing_ok=True)
-        current = read_champion(models)
+        champion = resolve_champion(models)
+        current = champion.record if champion else None
         if current is not None and not any(r.get("promoted") and r.get("run folder") == current.run_folder
                                            for r in leaderboard(models)):
             found.append(f"the leaderboard had no row for the champion from {current.run_folder}"
@@ -214,4 +275,47 @@ def check(models: Path, alias: Alias, repair: bool = True) -> list[str]:
                          + (": the Variable now names the link's" if repair else ""))
             if repair:
                 alias.set(expected)
+    return found
+
+
+def _whole(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (*CHAMPION_FILES, RECORD))
+
+
+def _recover(models: Path, alias: Alias, repair: bool) -> list[str]:
+    """Under the lock: set-aside champion folders back into history, then the interrupted transaction finished or undone.
+
+    Returns what was found (and, with ``repair``, put right).
+    """
+    found = []
+    for aside in sorted(p for p in models.glob(".champion-*.old-*") if p.is_dir()):
+        name = aside.name[1:].rsplit(".old-", 1)[0]
+        if not _whole(aside):
+            found.append(f"{aside.name}: part of a champion folder set aside by a same-name promotion; left for inspection")
+            continue
+        taken = (models / name).exists()
+        back = f"{name}-kept-{aside.name.rsplit('.old-', 1)[1][:8]}" if taken else name
+        found.append(f"{aside.name}: a champion folder set aside by a same-name promotion"
+                     + (f": back in history as {back}" if repair else ""))
+        if repair:
+            os.replace(aside, models / back)
+    journal = models / JOURNAL
+    if not journal.is_file():
+        return found
+    entry = json.loads(journal.read_text())
+    folder = models / entry["folder"]
+    whole = _whole(folder) and json.loads((folder / RECORD).read_text()) == entry["record"]
+    if whole:
+        found.append(f"a {entry['kind']} to {entry['folder']} was interrupted: "
+                     + ("finished (link, leaderboard row, Variable)" if repair else "its folder is whole"))
+        if repair:
+            _steps(entry["folder"], lambda: _finish(models, entry["folder"], ChampionRecord(**entry["record"]), entry["row"], alias))
+    else:
+        found.append(f"a {entry['kind']} to {entry['folder']} was interrupted before its folder was whole: "
+                     + ("undone, its leaderboard row kept as not promoted" if repair else "not done"))
+        if repair:
+            _append_once(models, entry["row"] | {
+                "promoted": False, "why": f"{entry['row'].get('why') or ''} (not promoted: the promotion was "
+                                          "interrupted before its champion folder was whole, and undone)".lstrip()})
+            journal.unlink()
     return found

@@ -26,7 +26,7 @@ from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, Interpol
 from faceflow.keys import content_key
 from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
-from tasks.registry import Champion, promote, rollback
+from tasks.registry import Champion, Promotion, promote, rollback
 from tasks.results import (
     Baselines, FaceBatches, Faces, FittedPCA, GeneratedFaces, Interpolation, ModelScore, NewPeople, ReportInputs, RunReport,
     Scores, Split, TrainedFlow,
@@ -278,14 +278,15 @@ def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
 
 
 @task(name="score_champion", cache_policy=NO_CACHE)
-def score_champion(models: Path, pixels: np.ndarray) -> float | None:
-    """The champion's mean image-space log p of faces ``pixels`` (n, 4096), through its own PCA.
+def score_champion(champion: Path, pixels: np.ndarray) -> float | None:
+    """The mean image-space log p of faces ``pixels`` (n, 4096) under the champion in folder ``champion`` (resolved
+    once by the caller, never the link), through its own PCA.
 
     None for a champion promoted before image-space log p existed: it is replaced (no fair figure).
     """
-    from tasks.champion_model import champion_image_log_prob
+    from tasks.champion_model import champion_image_log_prob, load_champion_from
 
-    image_log_p = champion_image_log_prob(models, pixels)
+    image_log_p = champion_image_log_prob(load_champion_from(champion), pixels)
     return None if image_log_p is None else float(image_log_p.mean())
 
 
@@ -350,10 +351,12 @@ def roll_back_champion(to: str | None, who: str, why: str) -> tuple[Champion, di
 
 
 @task(name="promote_champion", cache_policy=NO_CACHE)
-def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path) -> Path:
-    """Make the challenger the champion: its folder, the link, the Variable and its leaderboard row, as one transaction."""
-    installed = promote(run_folder, record, row, models, ChampionVariable())
-    announce_champion(CHAMPION_PROMOTED, installed.name, record, str(row.get("why") or ""),
-                      who=f"flow run {flow_run.name}" if flow_run.name else None)
-    publish_table("faceflow-champion", [record.to_json()], "The new champion")
-    return installed
+def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path, judged_against: str | None) -> Promotion:
+    """Make the challenger the champion (its folder, the link, its leaderboard row and the Variable, as one
+    transaction) if the champion is still the one it was judged against (folder name); else ``moved_to`` names it."""
+    done = promote(run_folder, record, row, models, ChampionVariable(), judged_against=judged_against)
+    if done.folder is not None:
+        announce_champion(CHAMPION_PROMOTED, done.folder.name, record, str(row.get("why") or ""),
+                          who=f"flow run {flow_run.name}" if flow_run.name else None)
+        publish_table("faceflow-champion", [record.to_json()], "The new champion")
+    return done

@@ -17,7 +17,7 @@ from commands.server import local_server
 from conftest import copy_home
 from support import faceflow
 from tasks.champion import CHAMPION_FILES, ChampionRecord, champion_path, read_champion
-from tasks.registry import FAULT_VARIABLE, JOURNAL, STEPS, champions, check, leaderboard, promote
+from tasks.registry import FAULT_VARIABLE, JOURNAL, STEPS, UNCHECKED, champions, check, current_folder, leaderboard, promote
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,14 @@ def record(folder: Path, seed: int, validation: float) -> ChampionRecord:
 def row(folder: Path, seed: int) -> dict:
     return {"time": "2026-11-30T10:00:00+00:00", "challenger": f"test {seed}", "seed": seed, "promoted": True,
             "why": "test", "run folder": str(folder)}
+
+
+def install(folder: Path, seed: int, validation: float, models: Path, alias) -> Path:
+    """Promote the run in ``folder`` over whatever is current (as if judged against it just now)."""
+    done = promote(folder, record(folder, seed, validation), row(folder, seed), models, alias,
+                   judged_against=current_folder(models))
+    assert done.folder is not None, done
+    return done.folder
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +79,11 @@ PROMOTE_AND_DIE = """
 import json, sys
 from pathlib import Path
 from tasks.champion import ChampionRecord
-from tasks.registry import promote
+from tasks.registry import current_folder, promote
 from tasks.steps import ChampionVariable
 folder, record, row, models = sys.argv[1:]
-promote(Path(folder), ChampionRecord(**json.loads(record)), json.loads(row), Path(models), ChampionVariable())
+promote(Path(folder), ChampionRecord(**json.loads(record)), json.loads(row), Path(models), ChampionVariable(),
+        judged_against=current_folder(Path(models)))
 """
 
 
@@ -84,7 +93,7 @@ def test_a_promotion_killed_after_any_step_reads_consistently_and_check_repairs_
 ) -> None:
     models = tmp_path / "models"
     first, second = run_folder(tmp_path, "a"), run_folder(tmp_path, "b")
-    promote(first, record(first, 1, -10.0), row(first, 1), models, alias)
+    install(first, 1, -10.0, models, alias)
     env = os.environ | {FAULT_VARIABLE: step, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": server.api_url}
     killed = subprocess.run([sys.executable, "-c", PROMOTE_AND_DIE, str(second), json.dumps(record(second, 2, -5.0).to_json()),
                              json.dumps(row(second, 2)), str(models)], env=env, capture_output=True, text=True, timeout=300)
@@ -101,7 +110,8 @@ def test_a_promotion_killed_after_any_step_reads_consistently_and_check_repairs_
     current = read_champion(models)
     assert current.run_folder == str(second if finished else first)
     assert alias.get() == current.to_json()
-    assert [r["run folder"] for r in leaderboard(models)] == [str(first), *([str(second)] if finished else [])]
+    # Every row kept: an undone promotion's row stays, as not promoted.
+    assert [(r["run folder"], r["promoted"]) for r in leaderboard(models)] == [(str(first), True), (str(second), finished)]
     assert not (models / JOURNAL).exists() and not list(models.glob(".*.partial"))
 
 
@@ -110,7 +120,8 @@ def test_concurrent_promotions_keep_every_row_and_one_champion(tmp_path: Path, a
     folders = [run_folder(tmp_path, f"c{n}") for n in range(10)]
     # Each thread in a copy of this context: it carries the test server's API URL (Prefect's settings).
     threads = [threading.Thread(target=contextvars.copy_context().run,
-                                args=(promote, f, record(f, n, -float(n)), row(f, n), models, alias))
+                                args=(promote, f, record(f, n, -float(n)), row(f, n), models, alias),
+                                kwargs={"judged_against": UNCHECKED})
                for n, f in enumerate(folders)]
     for thread in threads:
         thread.start()
@@ -124,8 +135,8 @@ def test_concurrent_promotions_keep_every_row_and_one_champion(tmp_path: Path, a
 def test_rollback_makes_the_previous_champion_current_and_history_lists_both(tmp_path: Path, server, alias) -> None:
     models = tmp_path / "models"
     first, second = run_folder(tmp_path, "a"), run_folder(tmp_path, "b")
-    promote(first, record(first, 1, -10.0), row(first, 1), models, alias)
-    promote(second, record(second, 2, -5.0), row(second, 2), models, alias)
+    install(first, 1, -10.0, models, alias)
+    install(second, 2, -5.0, models, alias)
     refused = cli("champion", "rollback", "--to", "nothing-like-it", models=models, api_url=server.api_url)
     assert refused.returncode == 2 and "--to 'nothing-like-it' names no champion" in refused.stderr
     rolled = cli("champion", "rollback", "--reason", "b draws blurry faces", "--json", models=models, api_url=server.api_url)
@@ -148,8 +159,8 @@ def test_the_rollback_deployments_flow_rolls_back_and_names_its_run(tmp_path: Pa
     models = tmp_path / "models"
     monkeypatch.setenv("FACEFLOW_MODELS_DIR", str(models))
     first, second = run_folder(tmp_path, "a"), run_folder(tmp_path, "b")
-    promote(first, record(first, 1, -10.0), row(first, 1), models, alias)
-    promote(second, record(second, 2, -5.0), row(second, 2), models, alias)
+    install(first, 1, -10.0, models, alias)
+    install(second, 2, -5.0, models, alias)
     done = faceflow_rollback(reason="from the UI", to="champion-a")
     assert done["run_folder"] == str(first) == read_champion(models).run_folder and alias.get() == read_champion(models).to_json()
     last = leaderboard(models)[-1]

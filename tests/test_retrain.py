@@ -116,13 +116,12 @@ def test_the_champion_is_judged_in_image_space_on_validation_faces_neither_model
 
 def test_faces_the_champion_was_fitted_on_never_judge_it(tmp_path: Path) -> None:
     """A challenger split another way shares faces with the champion's fit part: those are left out of the judging."""
-    from tasks.champion import champion_path, decide, unseen_by_champion
+    from tasks.champion import decide, unseen_by_champion
 
     folder = tmp_path / "champion-x"
     folder.mkdir()
     (folder / "split.json").write_text(json.dumps({"fit": [1, 2, 3], "validation": [4], "heldout": [5]}))
-    champion_path(tmp_path).symlink_to(folder.name)
-    assert unseen_by_champion(tmp_path, [2, 4, 7]) == [4, 7]
+    assert unseen_by_champion(folder, [2, 4, 7]) == [4, 7]
     assert not decide(-1.0, -50.0, 0.5, faces=0).promote  # nothing left to judge on: the champion stays
 
 
