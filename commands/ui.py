@@ -63,7 +63,8 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
     """Create the process work pool the deployments use, or bring its job template up to date.
 
     The template gives every flow run the pool's workers start (a worker started by hand on another
-    machine included) the heartbeat the crash automation expects.
+    machine included) the heartbeat the crash automation expects, and output of its own (not piped
+    through the worker), so a run outlives a worker that dies.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -72,6 +73,10 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
 
     template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["env"]["default"] = {HEARTBEAT_VARIABLES[0]: str(heartbeat_seconds())}
+    # A flow run's output would go through a pipe to its worker: once the worker died, the run's next
+    # log line hit the broken pipe and Rich's console exited the run (Crashed, "system exit call").
+    # Its logs go to the server (the run's page in the UI) either way.
+    template["variables"]["properties"]["stream_output"]["default"] = False
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))

@@ -303,7 +303,9 @@ def test_an_orphaned_run_is_left_to_finish_and_the_sixth_worker_exit_stops_make_
     worker.kill()  # the worker alone: its flow run survives it
     wait_for_text(ui.output, "(restart 1,", ui.process, timeout=60)
     assert run_process.ppid() == faceflow_ui.pid  # adopted by faceflow ui (a child subreaper), not by init
-    assert wait_for_state(ui.api_url, run, {"Completed"}, timeout=600) == "Completed"  # left to finish
+    ended = wait_for_state(ui.api_url, run, {"Completed"}, timeout=600)  # left to finish
+    with client(ui.api_url) as prefect:
+        assert ended == "Completed", prefect.read_flow_run(run).state.message
     assert (next(outputs.glob("run-*")) / "report.md").is_file()
     deadline = time.monotonic() + 10
     while psutil.pid_exists(run_process.pid) and time.monotonic() < deadline:
