@@ -136,8 +136,19 @@ def terminate(processes: list[psutil.Process], grace: float) -> None:
             pass
 
 
+def with_descendants(pids: set[int]) -> set[int]:
+    """``pids`` and the pids of every process below them (a server's own child processes)."""
+    found = set(pids)
+    for pid in pids:
+        try:
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def started_processes(keep: set[int]) -> list[psutil.Process]:
-    """Every live process this `faceflow ui` started, but those in ``keep``.
+    """Every live process this `faceflow ui` started, but those in ``keep`` and below them.
 
     Its descendants (orphaned flow runs included: it is a child subreaper), and any process that
     carries its pid in UI_PID_VARIABLE (a flow run its worker started) wherever it was re-parented.
@@ -151,6 +162,7 @@ def started_processes(keep: set[int]) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     alive = []
+    keep = with_descendants(keep)
     for pid, process in found.items():
         try:
             if pid not in keep and process.status() != psutil.STATUS_ZOMBIE:
@@ -256,6 +268,29 @@ def ignore_stop_signals() -> None:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
+def _unwind_once(signum: int, frame: object) -> None:
+    """As commands/signals.py unwinds a command, taking only the first stop signal: the stop is under way."""
+    ignore_stop_signals()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def stop_on_the_first_signal() -> None:
+    """SIGTERM and Ctrl-C unwind `faceflow ui` once, never mid-import; a second one, while it stops, is ignored.
+
+    make, sent SIGTERM with its group, sends its child SIGTERM again at once: taken before the stop
+    began (while the first one's exception was on its way to it), it skipped the stop of the
+    worker and its flow runs, and a starting run's process was left behind, Submitting, for good.
+    """
+    from faceflow.interrupts import deferring
+
+    handler = deferring(_unwind_once)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
+
+
 class Worker:
     """The pool's worker, started again when it exits by itself, a bounded number of times.
 
@@ -355,6 +390,7 @@ def set_up_alerts(block_id, ui_url: str) -> bool:
 def serve_ui(port: int, start_timeout: float) -> None:
     """Bring the UI up, print where it is, and keep it up until interrupted; stops everything on the way out."""
     become_subreaper()
+    stop_on_the_first_signal()
     home = prefect_home()
     heartbeat_seconds(), alert_block()  # a malformed setting stops here, before anything starts
     with ExitStack() as stack:
