@@ -6,9 +6,12 @@
 - "faceflow: champion changed": the ``faceflow.champion.promoted`` and
   ``faceflow.champion.rolled-back`` events (tasks/steps.py) send one naming the champion and why;
 - "faceflow: runs whose heartbeats stopped are crashed": Prefect's documented zombie-run
-  automation, for the runs of faceflow's deployments (tag ``faceflow``): a Running flow run that
-  sends no heartbeat (``prefect.flow-run.heartbeat``) and no final state within three heartbeat
-  intervals (Prefect's documented window) is set Crashed, and so alerts like any crash.
+  automation, for the runs of faceflow's deployments and their sub-flows (tag ``faceflow``),
+  widened to runs still starting: a flow run that entered Pending, Submitting or Running, or sent
+  a heartbeat (``prefect.flow-run.heartbeat``), and then sends no heartbeat and no state change
+  (``prefect.flow-run.*``) within three heartbeat intervals (Prefect's documented window) is set
+  Crashed, and so alerts like any crash. A run whose process died before its first heartbeat (while
+  importing its flow) is caught too.
 
 Notifications go to the Prefect notification block named by FACEFLOW_ALERT_BLOCK
 (``<block-type-slug>/<block-name>``). Unset, the two notification automations are created
@@ -35,6 +38,9 @@ NAMES = (FAILED, CHAMPION_CHANGED, CRASHED)
 ALERTED_FLOWS = ["faceflow-retrain", "faces-sweep"]  # the flows' names (flows/retrain.py, flows/sweep.py)
 DEPLOYMENT_TAG = "faceflow"  # prefect.yaml gives every deployment (and so each of its runs) this tag
 HEARTBEATS_BEFORE_CRASHED = 3  # a run is Crashed once this many heartbeat intervals pass without one
+# The events after which a faceflow run that then goes silent is Crashed: it is starting or running.
+ARMING_EVENTS = ("prefect.flow-run.Pending", "prefect.flow-run.Submitting", "prefect.flow-run.Running",
+                 "prefect.flow-run.heartbeat")
 UNSET = (f"Disabled: alerts go nowhere until {ALERT_BLOCK_VARIABLE} names a Prefect notification block "
          "(<block-type-slug>/<block-name>, e.g. custom-webhook/faceflow-alerts) and `faceflow ui` is started again; "
          "see docs/operations.md, Alerts.")
@@ -124,14 +130,17 @@ def automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> l
     )
     crashed = Automation(
         name=CRASHED,
-        description=(f"Prefect's zombie-run automation for faceflow's deployment runs: a Running run without a heartbeat "
-                     f"for {HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds} s (heartbeats every {heartbeat_seconds} s, "
+        description=(f"Prefect's zombie-run automation for faceflow's deployment runs and their sub-flows: a Pending, "
+                     f"Submitting or Running run without a heartbeat or a state change for "
+                     f"{HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds} s (heartbeats every {heartbeat_seconds} s, "
                      "PREFECT_FLOWS_HEARTBEAT_FREQUENCY) is set Crashed."),
         enabled=True,
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            # Armed by a run starting (the worker's Pending and Submitting, the engine's Running) as
+            # well as by each heartbeat: a process that dies while importing its flow sends none.
+            after=set(ARMING_EVENTS),
+            # Any heartbeat or state change of the run disarms it; the arming ones arm it again.
+            expect={"prefect.flow-run.*"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             # Only faceflow's deployment runs, whose worker (`faceflow ui`) sets their heartbeat: a run
             # started elsewhere (`faceflow run`) keeps Prefect's default of one every 180 s.
@@ -141,7 +150,8 @@ def automations(block_id: UUID | None, ui_url: str, heartbeat_seconds: int) -> l
             within=timedelta(seconds=HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds),
         ),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds} s: "
+                                    message=f"no heartbeat or state change for "
+                                            f"{HEARTBEATS_BEFORE_CRASHED * heartbeat_seconds} s: "
                                             "its process died (marked by the automation 'faceflow: runs whose "
                                             "heartbeats stopped are crashed')")],
     )

@@ -284,6 +284,9 @@ def ui(
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         typer.echo("faceflow ui stopped: worker, flow runs and server", err=True)
+    except SystemExit:  # SIGTERM (commands/signals.py): the same stop, and its exit status kept
+        typer.echo("faceflow ui stopped: worker, flow runs and server", err=True)
+        raise
 
 
 app.command("ui")(ui)

@@ -18,6 +18,7 @@ and PREFECT_API_URL is only known once the server is up.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +46,13 @@ WORKER_POLL_SECONDS = "3"
 # A worker that exits by itself is started again, unless it has been this many times within the window.
 MAX_WORKER_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 600.0
+# The process worker sets this in every flow run's process: which run a process belongs to.
+FLOW_RUN_ID_VARIABLE = "PREFECT__FLOW_RUN_ID"
+# `faceflow ui` gives its worker, and so every flow run process the worker starts, its own pid:
+# how it finds what it started even where the process tree no longer shows it.
+UI_PID_VARIABLE = "FACEFLOW_UI_PID"
+# Rounds of stopping: each round stops what the previous one left or let start.
+STOP_ROUNDS = 5
 
 
 class UIError(RuntimeError):
@@ -55,7 +63,8 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
     """Create the process work pool the deployments use, or bring its job template up to date.
 
     The template gives every flow run the pool's workers start (a worker started by hand on another
-    machine included) the heartbeat the crash automation expects.
+    machine included) the heartbeat the crash automation expects, and output of its own (not piped
+    through the worker), so a run outlives a worker that dies.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -64,6 +73,10 @@ def ensure_work_pool(name: str = WORK_POOL) -> None:
 
     template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["env"]["default"] = {HEARTBEAT_VARIABLES[0]: str(heartbeat_seconds())}
+    # A flow run's output would go through a pipe to its worker: once the worker died, the run's next
+    # log line hit the broken pipe and Rich's console exited the run (Crashed, "system exit call").
+    # Its logs go to the server (the run's page in the UI) either way.
+    template["variables"]["properties"]["stream_output"]["default"] = False
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
@@ -101,7 +114,7 @@ def start_worker(name: str) -> subprocess.Popen:
 
     Its flow runs send heartbeats as the pool's job template says (ensure_work_pool).
     """
-    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS}
+    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_POLL_SECONDS, UI_PID_VARIABLE: str(os.getpid())}
     return subprocess.Popen(
         tethered([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--name", name]),
         env=env, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -123,27 +136,159 @@ def terminate(processes: list[psutil.Process], grace: float) -> None:
             pass
 
 
-def stop_worker(worker: subprocess.Popen, grace: float = 30.0) -> None:
-    """Stop the worker's flow runs first, then the worker.
+def with_descendants(pids: set[int]) -> set[int]:
+    """``pids`` and the pids of every process below them (a server's own child processes)."""
+    found = set(pids)
+    for pid in pids:
+        try:
+            found |= {child.pid for child in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
-    A flow run that receives SIGTERM itself records its end (Crashed) while the server is
-    still up; stopped by its worker, it died without a word and stayed Running.
+
+def started_processes(keep: set[int]) -> list[psutil.Process]:
+    """Every live process this `faceflow ui` started, but those in ``keep`` and below them.
+
+    Its descendants (orphaned flow runs included: it is a child subreaper), and any process that
+    carries its pid in UI_PID_VARIABLE (a flow run its worker started) wherever it was re-parented.
+    """
+    found = {process.pid: process for process in psutil.Process().children(recursive=True)}
+    mark = str(os.getpid())
+    for process in psutil.process_iter():
+        try:
+            if process.pid not in found and process.environ().get(UI_PID_VARIABLE) == mark:
+                found[process.pid] = process
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    alive = []
+    keep = with_descendants(keep)
+    for pid, process in found.items():
+        try:
+            if pid not in keep and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def flow_run_id(process: psutil.Process) -> str | None:
+    """The id of the flow run ``process`` runs (or belongs to, a Dask worker it started), if any."""
+    try:
+        return process.environ().get(FLOW_RUN_ID_VARIABLE)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def stop_started(worker: subprocess.Popen, keep: set[int], grace: float = 30.0) -> set[str]:
+    """Stop the worker's flow runs first, then the worker, then whatever is left; the ids of the flow runs stopped.
+
+    The worker is frozen (SIGSTOP) first, so it starts no flow run while its runs are stopped. A
+    flow run that receives SIGTERM itself records its end (Crashed) while the server is still up;
+    stopped by its worker, it died without a word and stayed Running. Each round stops what is
+    still alive, the flow runs' processes before the rest: a flow run the worker started as it
+    was being stopped, one re-parented, one that ignored SIGTERM (SIGKILLed after ``grace``).
     """
     try:
-        process = psutil.Process(worker.pid)
-        terminate(process.children(recursive=True), grace)
-        terminate([process], grace)
+        psutil.Process(worker.pid).suspend()
     except psutil.NoSuchProcess:
         pass
+    runs: set[str] = set()
+    for _ in range(STOP_ROUNDS):
+        left = started_processes(keep)
+        if not left:
+            break
+        flow_runs = [process for process in left if flow_run_id(process)]
+        runs |= {flow_run_id(process) for process in flow_runs} - {None}
+        if not flow_runs:
+            for process in left:
+                try:
+                    process.resume()  # a frozen worker takes SIGTERM only once it runs again
+                except psutil.NoSuchProcess:
+                    pass
+        terminate(flow_runs or left, grace)
+        reap_orphans(keep)
     worker.wait()
+    if left := started_processes(keep):
+        print(f"faceflow ui: {len(left)} process(es) outlived {STOP_ROUNDS} rounds of SIGTERM and SIGKILL: "
+              + ", ".join(str(process.pid) for process in left), flush=True)
+    return runs
 
 
-def stop_orphans(keep: set[int], grace: float = 20.0) -> None:
-    """Stop what was started under us and outlived its parent (a flow run whose worker has gone).
+STOPPED_MESSAGE = "stopped with `faceflow ui` (make ui) before it ended"
 
-    This process is a child subreaper, so such orphans are re-parented to it instead of init.
+
+def mark_stopped_runs(stopped: set[str], worker_names: list[str]) -> list[str]:
+    """Set Crashed every run stopped with `faceflow ui` that did not record its end; the ids it set.
+
+    Such a run was still starting (Pending, or Submitting: its process importing) or was killed
+    after the grace. The runs the stopped processes ran count, with their sub-flows, and so does
+    every Pending run of the pool that one of these workers had taken (the worker's label on it),
+    or any Pending run of the pool when no other machine's worker is online.
     """
-    terminate([p for p in psutil.Process().children(recursive=True) if p.pid not in keep], grace)
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    not_final = FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[
+        StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]))
+    others_online = online_workers() - set(worker_names)
+    marked = []
+    with get_client(sync_client=True) as client:
+        pending = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[WORK_POOL])),
+        )
+        runs = {UUID(run_id) for run_id in stopped}
+        runs |= {run.id for run in pending if run.labels.get("prefect.worker.name") in worker_names or not others_online}
+        if runs:
+            runs |= {run.id for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=list(runs)), state=not_final))}
+        for run_id in runs:
+            state = client.read_flow_run(run_id).state
+            if state is None or not state.is_final():
+                client.set_flow_run_state(run_id, Crashed(message=STOPPED_MESSAGE), force=True)
+                marked.append(str(run_id))
+    return marked
+
+
+def ignore_stop_signals() -> None:
+    """While `faceflow ui` stops, another SIGTERM or Ctrl-C must not cut the stop short.
+
+    make, sent SIGTERM with its group, sends its child SIGTERM again: raised in the middle of the
+    stop, it left a starting flow run's process behind, re-parented to init, for good.
+    """
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def _unwind_once(signum: int, frame: object) -> None:
+    """As commands/signals.py unwinds a command, taking only the first stop signal: the stop is under way."""
+    ignore_stop_signals()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def stop_on_the_first_signal() -> None:
+    """SIGTERM and Ctrl-C unwind `faceflow ui` once, never mid-import; a second one, while it stops, is ignored.
+
+    make, sent SIGTERM with its group, sends its child SIGTERM again at once: taken before the stop
+    began (while the first one's exception was on its way to it), it skipped the stop of the
+    worker and its flow runs, and a starting run's process was left behind, Submitting, for good.
+    """
+    from faceflow.interrupts import deferring
+
+    handler = deferring(_unwind_once)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
 
 
 class Worker:
@@ -157,6 +302,7 @@ class Worker:
 
     def __init__(self) -> None:
         self.started = 0
+        self.names: list[str] = []  # every worker started, the current one last
         self.restarts: list[float] = []  # monotonic times of the restarts
         self.process = self._start()
 
@@ -164,6 +310,7 @@ class Worker:
         self.started += 1
         # The machine and this process: another machine's workers in the pool are told apart.
         self.name = f"faceflow-{socket.gethostname()}-{os.getpid()}-{self.started}"
+        self.names.append(self.name)
         return start_worker(self.name)
 
     def restart_if_exited(self) -> None:
@@ -197,8 +344,16 @@ def running_worker(server: LocalServer | None, timeout: float) -> Iterator[Worke
             time.sleep(0.5)
         yield worker
     finally:
-        stop_worker(worker.process)
-        stop_orphans(keep={server.process.pid} if server else set())
+        ignore_stop_signals()
+        stopped = stop_started(worker.process, keep={server.process.pid} if server else set())
+        try:
+            marked = mark_stopped_runs(stopped, worker.names)  # before the server stops
+        except Exception as error:  # the server is gone: nothing more can be recorded
+            print(f"faceflow ui: could not record the end of the flow runs it stopped: {error}", flush=True)
+        else:
+            if marked:
+                print(f"faceflow ui: marked Crashed {len(marked)} flow run(s) it stopped before they ended: "
+                      + ", ".join(marked), flush=True)
 
 
 def reap_orphans(keep: set[int]) -> None:
@@ -235,6 +390,7 @@ def set_up_alerts(block_id, ui_url: str) -> bool:
 def serve_ui(port: int, start_timeout: float) -> None:
     """Bring the UI up, print where it is, and keep it up until interrupted; stops everything on the way out."""
     become_subreaper()
+    stop_on_the_first_signal()
     home = prefect_home()
     heartbeat_seconds(), alert_block()  # a malformed setting stops here, before anything starts
     with ExitStack() as stack:

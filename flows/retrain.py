@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 from pydantic import Field
 
@@ -90,7 +90,10 @@ def challenge(config: FaceflowConfig, margin: float, seed: int, source: str) -> 
     if config.data.validation_fraction <= 0:
         raise ValueError("promotion compares validation log p: config.data.validation_fraction must be above 0")
     models = models_dir()
-    state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
+    # The sub-flow carries the run's tags (the deployment's `faceflow`), so its events match the
+    # crash automation (commands/alerts.py): killed with its parent, it is marked Crashed too.
+    with tags(*(flow_run.tags or ())):
+        state = faceflow_pipeline(config=config.model_copy(update={"seed": seed}), return_state=True)
     if state.is_failed() or state.is_crashed():
         row = _leaderboard_row(source, seed, None, f"challenger failed: {state.message}")
         publish_leaderboard(append_leaderboard(models, row), row["why"])

@@ -164,9 +164,33 @@ class RunningUI:
 
     def ctrl_c(self) -> None:
         """SIGINT to the whole group; make then dies of the same signal, as it does in a terminal."""
-        os.killpg(self.process.pid, signal.SIGINT)
-        assert self.process.wait(timeout=120) in (0, -signal.SIGINT)
+        self.stop(signal.SIGINT)
+
+    def stop(self, signum: int) -> None:
+        """``signum`` to the whole group (Ctrl-C, or SIGTERM as a service manager sends it); make dies of it."""
+        os.killpg(self.process.pid, signum)
+        assert self.process.wait(timeout=180) in (0, -signum)
         assert "faceflow ui stopped" in self.output.read_text()
+
+
+def flow_run_processes(tag: str, flow_run_id: UUID) -> list[psutil.Process]:
+    """The live processes carrying ``tag`` that run ``flow_run_id`` (the process worker sets PREFECT__FLOW_RUN_ID in them)."""
+    found = []
+    for process in tagged_processes(tag):
+        try:
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == str(flow_run_id):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def sub_flow_runs(api_url: str, parent: UUID) -> list:
+    """The flow runs started inside flow run ``parent`` (its sub-flows), as the server has them."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with client(api_url) as prefect:
+        return prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
 
 
 def client(api_url: str) -> SyncPrefectClient:
