@@ -17,6 +17,7 @@ from artifacts.rankings import leaderboard_markdown
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import RETRAIN_VALIDATION_FRACTION, DataConfig, FaceflowConfig
 from faceflow.keys import content_key
+from faceflow.serializer import RESULTS, allow_stored
 from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
 from tasks.champion import (
@@ -54,7 +55,10 @@ def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, erro
     }
 
 
-@flow(name="faceflow-retrain", persist_result=True)
+allow_stored(RetrainResult)  # its persisted result is read back without pickle
+
+
+@flow(name="faceflow-retrain", persist_result=True, **RESULTS)
 def faceflow_retrain(
     config: FaceflowConfig = RETRAIN_CONFIG,
     promotion_margin: Annotated[

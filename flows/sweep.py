@@ -26,6 +26,7 @@ from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached, version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
+from faceflow.serializer import RESULTS, allow_stored
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
 from tasks.data import resolve_data_file
@@ -176,7 +177,10 @@ def _train_and_score(item: _Configuration, device: str, steps: _Executions) -> N
         item.score = score_model.submit(item.trained, item.pca, item.split)
 
 
-@flow(name="faces-sweep", persist_result=True, task_runner=sweep_task_runner())
+allow_stored(SweepResult)  # its persisted result is read back without pickle
+
+
+@flow(name="faces-sweep", persist_result=True, **RESULTS, task_runner=sweep_task_runner())
 def faces_sweep(
     spec: SweepSpec = SweepSpec(),
     promote: Annotated[bool, Field(description="Offer the best configuration (by validation log p) as a challenger to the champion.")] = False,

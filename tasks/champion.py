@@ -1,7 +1,7 @@
 """The champion: the model in use, replaced only by a challenger that is better on validation faces.
 
 The champion lives in ``models/champion``, a link to ``models/champion-<run>/`` holding
-model.pt, pca.joblib, split.json, metrics.json and champion.json (this record). A promotion
+model.pt, pca.npz, split.json, metrics.json and champion.json (this record). A promotion
 (tasks/registry.py) writes the new folder whole, then swaps the link in one rename, so a reader
 sees the old champion or the new one, never a mix. Held-out faces never decide anything here: they stay
 for the report, so the champion's held-out figure remains an honest estimate.
@@ -21,7 +21,7 @@ from artifacts.tables import json_safe
 from artifacts.atomic import write_file
 
 
-CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
+CHAMPION_FILES = ("model.pt", "pca.npz", "split.json", "metrics.json")
 RECORD = "champion.json"
 LEADERBOARD = "leaderboard.json"
 CHAMPION_VARIABLE = "faceflow-champion"  # the Prefect Variable that mirrors the champion's record

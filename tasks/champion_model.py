@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
 
@@ -20,8 +19,24 @@ def load_champion_model(models_dir: Path):
     if not (folder / "model.pt").is_file():
         raise ChampionError(f"no champion in {str(models_dir)!r} yet: run the retraining flow (weekly-retrain) first")
     model, _ = load_checkpoint(folder / "model.pt")
-    pca = joblib.load(folder / "pca.joblib")
-    return model, pca
+    return model, read_champion_pca(folder)
+
+
+def read_champion_pca(folder: Path):
+    """The champion's PCA from its pca.npz, arrays only; a folder that has only the pickled pca.joblib is refused."""
+    from tasks.pca import PCAFileError, read_estimator
+
+    path = folder / "pca.npz"
+    if not path.is_file():
+        if (folder / "pca.joblib").is_file():
+            raise ChampionError(f"{folder / 'pca.joblib'}: a pickle, which faceflow no longer loads (it could run code); "
+                                "retrain (faceflow retrain, or the weekly-retrain deployment) for a champion with pca.npz, "
+                                "or roll back to one that has it")
+        raise ChampionError(f"{path}: missing; the champion folder is not whole (faceflow champion --check)")
+    try:
+        return read_estimator(path.read_bytes(), str(path))
+    except PCAFileError as error:
+        raise ChampionError(str(error)) from None
 
 
 def champion_log_prob(models_dir: Path, pixels: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from artifacts.publish import publish_figure, publish_markdown, publish_table
 from faceflow.caching import KEYED_INPUTS, cache_key
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
+from faceflow.serializer import RESULTS
 from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
 from tasks.registry import Champion, promote, rollback
@@ -32,7 +33,8 @@ from tasks.results import (
     Scores, Split, TrainedFlow,
 )
 
-STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
+# Results are stored as arrays and JSON and read back without pickle (faceflow.serializer).
+STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True, **RESULTS}
 
 # Flow runs that have failed or been interrupted: their steps still running in other threads
 # stop at their next epoch, or the flow would wait for them before it could end.
