@@ -66,8 +66,8 @@ def announced_arrays(source: Path | bytes, name: str, max_bytes: int | None = No
                                    "only numbers, booleans and strings are read")
             total += math.prod(shape) * dtype.itemsize
             if max_bytes is not None and total > max_bytes:
-                raise ArchiveError(f"{name}: its headers announce {_size(total)} of arrays or more "
-                                   f"(member {info.filename!r}: shape {shape}, {dtype}); the limit is {_size(max_bytes)}")
+                raise ArchiveError(f"{name}: its headers announce {size_text(total)} of arrays or more "
+                                   f"(member {info.filename!r}: shape {shape}, {dtype}); the limit is {size_text(max_bytes)}")
             announced[info.filename.removesuffix(".npy")] = (shape, dtype)
     return announced
 
@@ -82,7 +82,7 @@ def read_npz(source: Path | bytes, name: str, max_bytes: int | None = None) -> d
         raise ArchiveError(f"{name}: not a readable .npz ({error})") from None
 
 
-def _size(count: int) -> str:
+def size_text(count: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
             return f"{count:,} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"

@@ -2,11 +2,11 @@
 
 Prefect's default result serializer is cloudpickle: reading a result runs whatever the file
 says, and the result storage is shared between machines (docs/operations.md). faceflow's steps
-and flows store their results with ``ArraysSerializer`` instead: one uncompressed .npz per
-result, ``tree.json`` for the structure and one ``.npy`` member per array (faceflow.arrays).
-Reading it rebuilds only what ``allow_stored`` registered (faceflow's frozen result dataclasses,
-its config models) from plain values: no module is imported and no object is unpickled because
-a file said so.
+and flows store their results with ``ArraysSerializer`` instead: one uncompressed .npz per result
+(base64, as the record around it is JSON text), its ``tree`` member the structure as JSON and one
+``.npy`` member per array (faceflow.arrays). Reading it rebuilds only what ``allow_stored``
+registered (faceflow's frozen result dataclasses, its config models) from plain values: no module
+is imported and no object is unpickled because a file said so.
 
 A Prefect result record names its own serializer, and Prefect reads it with the one named: a
 record rewritten to name ``pickle`` would be unpickled whatever the task was given. So the
@@ -16,9 +16,12 @@ results live in ``VerifiedResultStorage``, which refuses a record that does not 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import logging
+import uuid
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
@@ -34,8 +37,9 @@ SERIALIZER_TYPE = "faceflow-arrays"
 # The largest result read back: a cached step of 40,000 faces holds their images (650 MB) and more.
 MAX_RESULT_BYTES = 8 * 2**30
 
+NEVER_SAVED_ID = uuid.uuid5(uuid.NAMESPACE_URL, "faceflow:verified-results")
+
 _ALLOWED: dict[str, type] = {}
-logger = logging.getLogger("faceflow.results")
 
 
 class StoredResultError(ValueError):
@@ -67,13 +71,14 @@ class ArraysSerializer(Serializer):
         arrays: list[np.ndarray] = []
         tree = _encode(obj, arrays)
         members = {"tree": np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)}
-        return npz_bytes(members | {f"a{index}": array for index, array in enumerate(arrays)})
+        # base64, as Prefect's own serializers: the record that holds it is JSON text.
+        return base64.b64encode(npz_bytes(members | {f"a{index}": array for index, array in enumerate(arrays)}))
 
     def loads(self, blob: bytes) -> Any:
         try:
-            members = read_npz(blob, "a stored result", MAX_RESULT_BYTES)
+            members = read_npz(base64.b64decode(blob, validate=True), "a stored result", MAX_RESULT_BYTES)
             tree = json.loads(members.pop("tree").tobytes())
-        except (ArchiveError, KeyError, ValueError) as error:
+        except (ArchiveError, KeyError, ValueError, binascii.Error) as error:
             raise StoredResultError(f"not a result faceflow stored ({error})") from None
         return _decode(tree, members)
 
@@ -150,6 +155,14 @@ class VerifiedResultStorage(LocalFileSystem):
     _block_type_name = "faceflow verified results"
     _block_type_slug = "faceflow-verified-results"
 
+    def model_post_init(self, context: Any) -> None:
+        super().model_post_init(context)
+        # Prefect wants a task's storage block saved on the server, so that a reader given only a
+        # record's metadata can load the block by its id. This one is the same on every machine and
+        # is never loaded by id: its id names no saved block, so such a reader fails instead of
+        # reading the file with a plain LocalFileSystem, which would run a pickle.
+        self._block_document_id = NEVER_SAVED_ID
+
     def _resolve_path(self, path: str) -> Path:
         if self.basepath is None:
             from prefect.settings import get_current_settings
@@ -176,9 +189,20 @@ def _verified(path: Path, content: bytes) -> bytes:
     problem = _record_problem(content)
     if problem:
         message = f"{path}: refused, {problem}; it is not read, and the step computes its result again"
-        logger.warning(message)
+        _logger().warning(message)
         raise StoredResultError(message)
     return content
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger (the UI shows the warning) inside a run, else faceflow's."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("faceflow.results")
 
 
 def _record_problem(content: bytes) -> str | None:

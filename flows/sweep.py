@@ -26,6 +26,7 @@ from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached, version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
+from faceflow.confinement import check_form_paths
 from faceflow.serializer import RESULTS, allow_stored
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
@@ -192,6 +193,7 @@ def faces_sweep(
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     logger = get_run_logger()
     configs = expand(spec)
+    check_form_paths(config for _, config in configs)  # from a deployment: output_dir and data file inside their folders
     steps = _Executions()
     prepared = _shared_upstream(configs, steps)
     progress = start_progress("faceflow-sweep-progress", f"Configurations done, of {len(prepared)}")

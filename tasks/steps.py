@@ -265,10 +265,12 @@ def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
     from prefect import get_run_logger
 
     from artifacts.dataset_card import card_markdown
-    from faceflow.settings import data_file_from_environment, faces_dir
+    from faceflow.confinement import from_deployment
+    from faceflow.settings import data_file_from_environment, faces_dir, inbox_dir
     from tasks.importers import ingest, summary
 
-    ingested = ingest(path, resize, faces_dir(), data_file_from_environment())
+    # A deployment's form may name only what is in the inbox; the CLI's user, whatever they can read.
+    ingested = ingest(path, resize, faces_dir(), data_file_from_environment(), inbox_dir() if from_deployment() else None)
     for note in ingested.notes:
         get_run_logger().info(note)
     done = summary(ingested)
