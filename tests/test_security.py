@@ -298,3 +298,48 @@ def test_with_an_inbox_everything_read_lies_inside_it_symlinks_resolved(tmp_path
     with pytest.raises(IngestError, match="ann/9.png'.*is outside"):
         read_input(inbox / "people", root=inbox)
     assert len(read_input(outside).images) == 4  # without an inbox (the CLI), any readable path
+
+
+# --- deployment forms: what the UI's Run button sends -------------------------------------------------------------
+
+
+def test_deployment_forms_read_and_write_only_inside_their_folders(tmp_path: Path, tag: str, data_file: Path) -> None:
+    """Through `make ui`'s worker: a path out of the inbox, a symlink out of it, an output folder or data file
+    elsewhere, each refused naming the field and the folder, the store unchanged; a path in the inbox is read."""
+    import shutil
+
+    from support import RunningUI, assert_no_process_left, client, run_deployment, wait_for_state
+
+    inbox, outputs, faces = tmp_path / "inbox", tmp_path / "outputs", tmp_path / "faces"
+    outside = _people(tmp_path / "outside")
+    _people(inbox / "people")
+    (inbox / "linked").symlink_to(outside)
+    copied = shutil.copy(data_file, tmp_path / "olivettifaces.mat")
+    cases = {  # deployment, flow, parameters, what the failed run's message says
+        "ingest outside the inbox": ("ingest", "faceflow-ingest", {"path": str(outside)},
+                                     f"path {str(outside)!r} is outside {inbox}"),
+        "ingest of a symlink out of the inbox": ("ingest", "faceflow-ingest", {"path": "linked"},
+                                                 f"(a symlink to {outside}) is outside {inbox}"),
+        "output_dir outside the outputs folder": ("on-demand", "faceflow", {"config": {"output_dir": str(tmp_path / "elsewhere")}},
+                                                  f"output_dir {str(tmp_path / 'elsewhere')!r} is outside {outputs}"),
+        "a data file outside the inbox": ("on-demand", "faceflow", {"config": {"data": {"data_file": str(copied)}, "output_dir": str(outputs)}},
+                                          f"data.data_file {str(copied)!r} is outside {inbox}"),
+    }
+    home = tmp_path / "home"
+    ui = RunningUI(tmp_path, tag, data_file, home, FACEFLOW_INBOX_DIR=str(inbox), FACEFLOW_OUTPUTS_DIR=str(outputs),
+                   FACEFLOW_FACES_DIR=str(faces))
+    try:
+        runs = {case: run_deployment(ui.api_url, deployment, parameters, flow=flow)
+                for case, (deployment, flow, parameters, _) in cases.items()}
+        for case, flow_run_id in runs.items():
+            assert wait_for_state(ui.api_url, flow_run_id, {"Failed"}, timeout=300) == "Failed", case
+            with client(ui.api_url) as prefect:
+                message = prefect.read_flow_run(flow_run_id).state.message
+            assert cases[case][3] in message, (case, message)
+        assert not faces.exists() and not (tmp_path / "elsewhere").exists()
+        read = run_deployment(ui.api_url, "ingest", {"path": "people"}, flow="faceflow-ingest")  # relative: in the inbox
+        assert wait_for_state(ui.api_url, read, {"Completed"}, timeout=300) == "Completed"
+        assert any(faces.rglob("*.npy"))
+    finally:
+        ui.ctrl_c()
+    assert_no_process_left(tag)
