@@ -207,6 +207,12 @@ def _announcing_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def _write_bytes(path: Path, count: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(count))
+    return path
+
+
 def _announcing_npz(path: Path, count: int) -> Path:
     """An .npz whose ``images`` header announces ``count`` 64x64 float32 faces; the data is a few bytes."""
     from numpy.lib import format as npy_format
@@ -238,6 +244,12 @@ HOSTILE = {
     "a PNG announcing 20,000 x 20,000 pixels": (
         lambda tmp: _announcing_png(tmp / "people" / "ann" / "huge.png", 20_000, 20_000).parent.parent,
         ["huge.png: refused before decoding", "(400000000 pixels)", "over 16,777,216 pixels (4096x4096)"]),
+    "a PNG announcing 5,000 x 5,000 pixels (under Pillow's own limit)": (
+        lambda tmp: _announcing_png(tmp / "people" / "ann" / "big.png", 5_000, 5_000).parent.parent,
+        ["big.png: refused before decoding", "(25000000 pixels)", "over 16,777,216 pixels (4096x4096)"]),
+    "an image file of 33 MiB": (
+        lambda tmp: _write_bytes(tmp / "people" / "ann" / "heavy.png", 33 * 2**20).parent.parent,
+        ["heavy.png: 34,603,008 bytes; image files over 33,554,432 bytes are refused"]),
     "an .npz announcing 10^9 faces": (
         lambda tmp: _announcing_npz(tmp / "many.npz", 10**9),
         ["many.npz: its headers announce 14.9 TiB", "shape (1000000000, 64, 64)", "the limit is 2.0 GiB"]),
