@@ -17,6 +17,8 @@ DOWNLOAD_TIMEOUT_VARIABLE = "FACEFLOW_DOWNLOAD_TIMEOUT"
 DEFAULT_DOWNLOAD_TIMEOUT = 30.0  # per network read; the whole file is 1.4 MB
 MODELS_DIR_VARIABLE = "FACEFLOW_MODELS_DIR"
 FACES_DIR_VARIABLE = "FACEFLOW_FACES_DIR"
+INBOX_DIR_VARIABLE = "FACEFLOW_INBOX_DIR"
+OUTPUTS_DIR_VARIABLE = "FACEFLOW_OUTPUTS_DIR"
 CHECKPOINT_SECONDS_VARIABLE = "FACEFLOW_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_SECONDS = 30.0  # a default training takes about 10 s and never writes one
 REDIS_URL_VARIABLE = "FACEFLOW_REDIS_URL"
@@ -55,6 +57,16 @@ def models_dir() -> Path:
 def faces_dir() -> Path:
     """The face store: every image and every version (FACEFLOW_FACES_DIR, default ./faces)."""
     return Path(os.environ.get(FACES_DIR_VARIABLE, "").strip() or "faces").expanduser().absolute()
+
+
+def inbox_dir() -> Path:
+    """The one folder the ingest deployment reads from, and deployment forms' data files (FACEFLOW_INBOX_DIR, default ./inbox)."""
+    return Path(os.environ.get(INBOX_DIR_VARIABLE, "").strip() or "inbox").expanduser().absolute()
+
+
+def outputs_dir() -> Path:
+    """The folder deployment forms' output_dir must lie in (FACEFLOW_OUTPUTS_DIR, default ./outputs)."""
+    return Path(os.environ.get(OUTPUTS_DIR_VARIABLE, "").strip() or "outputs").expanduser().absolute()
 
 
 def result_storage() -> Path:

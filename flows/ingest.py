@@ -36,7 +36,8 @@ def announce_version(version: dict[str, Any], previous: str | None, new_people: 
 @flow(name="faceflow-ingest")
 def faceflow_ingest(
     path: Annotated[Path, Field(description="A folder with one sub-folder of images per person (PNG, JPEG, PGM), "
-                                            "an .npz with images (n, 64, 64) and people (n,), or a .mat in the Olivetti layout.")],
+                                            "an .npz with images (n, 64, 64) and people (n,), or a .mat in the Olivetti layout; "
+                                            "inside the inbox folder (FACEFLOW_INBOX_DIR; a relative path is taken from it).")],
     resize: Annotated[bool, Field(description="Resize images that are not 64x64 (said per file); off: refuse them.")] = True,
 ) -> dict[str, Any]:
     """Add faces to the face store as a new version (the latest plus every image it does not hold); announce it."""

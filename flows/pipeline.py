@@ -12,7 +12,9 @@ from artifacts.run_folder import check_output_folder, run_folder_problems
 from faceflow.caching import version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
+from faceflow.confinement import check_form_paths
 from faceflow.keys import content_key, project_source_digest
+from faceflow.serializer import RESULTS, allow_stored
 from faceflow.threads import limited_threads
 from flows.states import TaskStates
 from tasks.data import check_config_against, interpolation_endpoints, resolve_data_file
@@ -51,10 +53,14 @@ def run_folder_for(config: FaceflowConfig, data_file: Path | None) -> Path:
     return config.output_dir / f"run-{identity[:12]}"
 
 
-@flow(name="faceflow", persist_result=True)
+allow_stored(PipelineResult, FaceflowConfig)  # its persisted result is read back without pickle
+
+
+@flow(name="faceflow", persist_result=True, **RESULTS)
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
     """Learn a RealNVP on PCA-reduced faces of a face store version, then sample, score, interpolate and report."""
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
+    check_form_paths([config])  # from a deployment: output_dir and the data file inside their folders
     device = resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     check_output_folder(config.output_dir)

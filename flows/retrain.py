@@ -17,8 +17,10 @@ from pydantic import Field
 from artifacts.publish import publish_markdown
 from artifacts.rankings import leaderboard_markdown
 from faceflow.interrupts import defer_during_imports
+from faceflow.confinement import check_form_paths
 from faceflow.config import RETRAIN_VALIDATION_FRACTION, DataConfig, FaceflowConfig
 from faceflow.keys import content_key
+from faceflow.serializer import RESULTS, allow_stored
 from faceflow.settings import faces_dir, models_dir
 from flows.pipeline import PipelineResult, faceflow_pipeline
 from tasks.champion import (
@@ -62,7 +64,10 @@ def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, erro
     }
 
 
-@flow(name="faceflow-retrain", persist_result=True)
+allow_stored(RetrainResult)  # its persisted result is read back without pickle
+
+
+@flow(name="faceflow-retrain", persist_result=True, **RESULTS)
 def faceflow_retrain(
     config: FaceflowConfig = RETRAIN_CONFIG,
     promotion_margin: Annotated[
@@ -71,6 +76,7 @@ def faceflow_retrain(
 ) -> RetrainResult:
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
+    check_form_paths([config])  # from a deployment: output_dir and the data file inside their folders
     scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
     seed = seed_for(scheduled, str(flow_run.id))
     return challenge(config, promotion_margin, seed, source=f"scheduled {scheduled.isoformat(timespec='seconds')}")

@@ -26,6 +26,8 @@ from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached, version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
+from faceflow.confinement import check_form_paths
+from faceflow.serializer import RESULTS, allow_stored
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
 from tasks.data import resolve_data_file
@@ -176,7 +178,10 @@ def _train_and_score(item: _Configuration, device: str, steps: _Executions) -> N
         item.score = score_model.submit(item.trained, item.pca, item.split)
 
 
-@flow(name="faces-sweep", persist_result=True, task_runner=sweep_task_runner())
+allow_stored(SweepResult)  # its persisted result is read back without pickle
+
+
+@flow(name="faces-sweep", persist_result=True, **RESULTS, task_runner=sweep_task_runner())
 def faces_sweep(
     spec: SweepSpec = SweepSpec(),
     promote: Annotated[bool, Field(description="Offer the best configuration (by validation log p) as a challenger to the champion.")] = False,
@@ -188,6 +193,7 @@ def faces_sweep(
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     logger = get_run_logger()
     configs = expand(spec)
+    check_form_paths(config for _, config in configs)  # from a deployment: output_dir and data file inside their folders
     steps = _Executions()
     prepared = _shared_upstream(configs, steps)
     progress = start_progress("faceflow-sweep-progress", f"Configurations done, of {len(prepared)}")

@@ -1,7 +1,7 @@
 """The champion: the model in use, replaced only by a challenger that is better on validation faces.
 
 The champion lives in ``models/champion``, a link to ``models/champion-<run>-<seed>-<id>/`` holding
-model.pt, pca.joblib, split.json, metrics.json and champion.json (this record). A promotion
+model.pt, pca.npz, split.json, metrics.json and champion.json (this record). A promotion
 (tasks/registry.py) writes a new folder whole under a name no other promotion uses, then swaps
 the link in one rename; a champion folder is never changed once written. A reader resolves the
 link once (``resolve_champion``) and reads every file from the folder it named, so it sees one
@@ -26,7 +26,7 @@ from artifacts.tables import json_safe
 from artifacts.atomic import write_file
 
 
-CHAMPION_FILES = ("model.pt", "pca.joblib", "split.json", "metrics.json")
+CHAMPION_FILES = ("model.pt", "pca.npz", "split.json", "metrics.json")
 RECORD = "champion.json"
 LEADERBOARD = "leaderboard.json"
 CHAMPION_VARIABLE = "faceflow-champion"  # the Prefect Variable that mirrors the champion's record

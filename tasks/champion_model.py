@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import torch
 
@@ -33,7 +32,7 @@ class LoadedChampion:
 
 def load_pca(folder: Path) -> Any:
     """The fitted PCA in a champion (or run) folder."""
-    return joblib.load(folder / "pca.joblib")
+    return read_champion_pca(folder)
 
 
 def load_champion_from(folder: Path) -> LoadedChampion:
@@ -45,6 +44,23 @@ def load_champion_from(folder: Path) -> LoadedChampion:
     variance = json.loads(metrics.read_text()).get("pca_residual_variance") if metrics.is_file() else None
     usable = isinstance(variance, (int, float)) and variance > 0
     return LoadedChampion(folder, model, pca, float(variance) if usable else None)
+
+
+def read_champion_pca(folder: Path):
+    """The champion's PCA from its pca.npz, arrays only; a folder that has only the pickled pca.joblib is refused."""
+    from tasks.pca import PCAFileError, read_estimator
+
+    path = folder / "pca.npz"
+    if not path.is_file():
+        if (folder / "pca.joblib").is_file():
+            raise ChampionError(f"{folder / 'pca.joblib'}: a pickle, which faceflow no longer loads (it could run code); "
+                                "retrain (faceflow retrain, or the weekly-retrain deployment) for a champion with pca.npz, "
+                                "or roll back to one that has it")
+        raise ChampionError(f"{path}: missing; the champion folder is not whole (faceflow champion --check)")
+    try:
+        return read_estimator(path.read_bytes(), str(path))
+    except PCAFileError as error:
+        raise ChampionError(str(error)) from None
 
 
 def open_champion(models_dir: Path) -> LoadedChampion:

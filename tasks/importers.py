@@ -5,10 +5,16 @@ ImageFolder convention), an ``.npz`` with ``images`` (n, 64, 64) and ``people`` 
 ``.mat`` in the Olivetti layout (``faces``: 4096 x n, one image per column). The Olivetti faces
 themselves are one more importer: they become version 1 on first use. Every problem is one line
 naming the file or field (``IngestError``); nothing is written until a whole input has read clean.
+
+Sizes are bounded before anything is decoded: an image file over MAX_IMAGE_BYTES, or whose
+header announces over MAX_IMAGE_PIXELS, and an .npz or .mat whose headers announce over
+MAX_ARCHIVE_BYTES of arrays, are refused from their headers alone. With ``root`` (the inbox, for
+a run a deployment started) every path read, symlinks resolved, must lie inside it.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from faceflow.arrays import ArchiveError, announced_arrays, size_text
+from faceflow.confinement import ConfinementError, confined
+from faceflow.settings import INBOX_DIR_VARIABLE
 from tasks.data import open_store
 from tasks.olivetti import OLIVETTI_IMAGES_PER_PERSON, DataFileError, checked_faces_array
 from tasks.store import IMAGE_SHAPE, AddResult, StoreError, check_images, check_person
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm")
+# A face is 64x64: larger photos are resized, up to 4096x4096 (16.8 megapixels) and 32 MiB a file.
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_BYTES = 32 * 2**20
+# What one .npz or .mat may announce, all its arrays together: 2 GiB, over 130,000 float32 faces.
+MAX_ARCHIVE_BYTES = 2 * 2**30
+# Bytes per element of each MATLAB class scipy's whosmat names (others count 8).
+_MATLAB_ITEMSIZE = {"double": 8, "single": 4, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+                    "int64": 8, "uint64": 8, "logical": 1, "char": 2}
 
 
 class IngestError(StoreError):
@@ -37,13 +54,18 @@ class Incoming:
     notes: list[str] = field(default_factory=list)  # one line per converted or resized file
 
 
-def read_input(path: Path, resize: bool = True) -> Incoming:
-    """The images of ``path`` (a folder of people, an .npz or a .mat), checked; IngestError otherwise."""
+def read_input(path: Path, resize: bool = True, root: Path | None = None) -> Incoming:
+    """The images of ``path`` (a folder of people, an .npz or a .mat), checked; IngestError otherwise.
+
+    With ``root``, ``path`` (relative: to ``root``) and everything read under it must lie inside ``root``.
+    """
     path = Path(path)
+    if root is not None:
+        path = _inside(path, root, relative=True)
     if not path.exists():
         raise IngestError(f"{path}: does not exist")
     if path.is_dir():
-        return read_folder(path, resize)
+        return read_folder(path, resize, root)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return read_npz(path)
@@ -52,13 +74,25 @@ def read_input(path: Path, resize: bool = True) -> Incoming:
     raise IngestError(f"{path}: expected a folder with one sub-folder of images per person, an .npz or a .mat")
 
 
-def read_folder(root: Path, resize: bool = True) -> Incoming:
-    """One sub-folder per person, named by the person; hidden files (a leading '.') are skipped."""
+def _inside(path: Path, root: Path, relative: bool = False) -> Path:
+    try:
+        return confined(path, root, "path", INBOX_DIR_VARIABLE, relative_to=root if relative else None)
+    except ConfinementError as error:
+        raise IngestError(str(error)) from None
+
+
+def read_folder(root: Path, resize: bool = True, inbox: Path | None = None) -> Incoming:
+    """One sub-folder per person, named by the person; hidden files (a leading '.') are skipped.
+
+    With ``inbox``, every sub-folder and file must resolve inside it (no symlink out).
+    """
     entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
     if not entries:
         raise IngestError(f"{root}: empty folder; expected one sub-folder of images per person")
     images, people, sources, notes = [], [], [], []
     for person_folder in entries:
+        if inbox is not None:
+            _inside(person_folder, inbox)
         if not person_folder.is_dir():
             raise IngestError(f"{person_folder}: a file where a folder of one person's images is expected")
         person = _checked(lambda: check_person(person_folder.name, f"{person_folder}"))
@@ -66,6 +100,8 @@ def read_folder(root: Path, resize: bool = True) -> Incoming:
         if not files:
             raise IngestError(f"{person_folder}: empty folder; expected images of {person}")
         for file in files:
+            if inbox is not None:
+                _inside(file, inbox)
             image, note = read_image(file, resize)
             images.append(image)
             people.append(person)
@@ -83,10 +119,16 @@ def read_image(file: Path, resize: bool = True) -> tuple[np.ndarray, str]:
         raise IngestError(f"{file}: a folder where an image is expected")
     if file.suffix.lower() not in IMAGE_SUFFIXES:
         raise IngestError(f"{file}: not an image (expected {', '.join(IMAGE_SUFFIXES)})")
+    size = file.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise IngestError(f"{file}: {size:,} bytes; image files over {MAX_IMAGE_BYTES:,} bytes are refused")
     done = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a hostile size is refused, not decoded
+            # Pillow's own limit, checked on the header when the file is opened: warned above it (an
+            # error here), refused at twice it. faceflow's is lower than Pillow's 89 megapixels.
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(file) as opened:
                 opened.load()  # decodes now: a truncated or corrupt file fails here, not later
                 mode, size = opened.mode, opened.size
@@ -97,6 +139,9 @@ def read_image(file: Path, resize: bool = True) -> tuple[np.ndarray, str]:
                         done.append(f"converted {mode} to grayscale")
                         opened = opened.convert("L")
                     pixels = np.asarray(opened, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise IngestError(f"{file}: refused before decoding ({error}); images over {MAX_IMAGE_PIXELS:,} pixels "
+                          "(4096x4096) are refused") from None
     except UnidentifiedImageError:
         raise IngestError(f"{file}: not a readable image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -112,7 +157,11 @@ def read_image(file: Path, resize: bool = True) -> tuple[np.ndarray, str]:
 
 
 def read_npz(path: Path) -> Incoming:
-    """``images`` (n, 64, 64) in [0, 1] (uint8: 0..255) and ``people`` (n,) labels."""
+    """``images`` (n, 64, 64) in [0, 1] (uint8: 0..255) and ``people`` (n,) labels; sized from its headers first."""
+    try:
+        announced_arrays(path, str(path), MAX_ARCHIVE_BYTES)
+    except ArchiveError as error:
+        raise IngestError(str(error)) from None
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises BadZipFile, ValueError, OSError, EOFError
@@ -144,6 +193,7 @@ def read_npz(path: Path) -> Incoming:
 
 def read_mat(path: Path) -> Incoming:
     """A .mat in the Olivetti layout: ``faces`` 4096 x n, 10 consecutive images per person, named <file>-NN."""
+    _check_mat_size(path)
     try:
         raw = checked_faces_array(path, columns=None)
     except DataFileError as error:
@@ -158,6 +208,24 @@ def read_mat(path: Path) -> Incoming:
     people = [f"{prefix}-{i // OLIVETTI_IMAGES_PER_PERSON:02d}" for i in range(n)]
     images = _checked(lambda: check_images(images, lambda i: f"{path}: field 'faces'" + (f" column {i}" if i >= 0 else "")))
     return Incoming(images, people, [f"{path.name}[{i}]" for i in range(n)])
+
+
+def _check_mat_size(path: Path) -> None:
+    """Refuse a .mat whose variable headers announce over MAX_ARCHIVE_BYTES, before any is decompressed."""
+    import scipy.io
+
+    if not path.is_file():
+        return  # checked_faces_array names what is wrong
+    try:
+        variables = scipy.io.whosmat(path)
+    except Exception as error:  # scipy's readers raise many kinds
+        raise IngestError(f"{path}: not a readable MATLAB .mat file ({str(error) or type(error).__name__})") from None
+    total = 0
+    for name, shape, kind in variables:
+        total += math.prod(shape) * _MATLAB_ITEMSIZE.get(kind, 8)
+        if total > MAX_ARCHIVE_BYTES:
+            raise IngestError(f"{path}: its headers announce {size_text(total)} of arrays or more (variable {name!r}: "
+                              f"shape {shape}, {kind}); the limit is {size_text(MAX_ARCHIVE_BYTES)}")
 
 
 def _olivetti_normalised(raw: np.ndarray) -> np.ndarray:
@@ -182,13 +250,14 @@ class Ingested:
 MONTAGE_LIMIT = 64  # the card shows at most this many of the new faces
 
 
-def ingest(path: Path, resize: bool, store_root: Path, data_file: Path | None) -> Ingested:
+def ingest(path: Path, resize: bool, store_root: Path, data_file: Path | None, inbox: Path | None = None) -> Ingested:
     """Read and check ``path`` whole, then add it to the store at ``store_root`` as a new version.
 
     Bad input raises IngestError before the store is touched (on first use, version 1 is made
-    from the Olivetti faces only once the input has read clean).
+    from the Olivetti faces only once the input has read clean). With ``inbox``, everything
+    read must lie inside it (read_input).
     """
-    incoming = read_input(path, resize)
+    incoming = read_input(path, resize, inbox)
     store, _ = open_store(store_root, data_file)
     result = store.add(incoming.images, incoming.people, incoming.sources)
     latest = result.version or result.previous

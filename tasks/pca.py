@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import math
 
-import joblib
 import numpy as np
 from sklearn.decomposition import PCA
 
+from faceflow.arrays import ArchiveError, npz_bytes, read_npz
 from faceflow.config import PCAConfig
 from faceflow.keys import content_key
 from tasks.results import Faces, FittedPCA, Split
@@ -193,11 +192,54 @@ def pca_rule(fitted: FittedPCA, config: PCAConfig) -> str:
     return f"{reached}{rounding}: {fitted.n_components} kept ({fitted.variance_kept:.1%} of the variance)."
 
 
+# What pca.npz holds: the fitted attributes scikit-learn's transform and inverse_transform use, and
+# what describes the fit. Arrays only: the file is read with allow_pickle=False, never unpickled.
+PCA_ARRAYS = ("components_", "mean_", "explained_variance_", "explained_variance_ratio_", "singular_values_")
+PCA_NUMBERS = ("n_components_", "n_samples_", "n_features_in_", "noise_variance_")
+# A PCA of 64x64 faces: 4096 pixels, at most 4096 components; the file is refused beyond this.
+PCA_MAX_BYTES = 2 * 4096 * 4096 * 8
+
+
+class PCAFileError(ValueError):
+    """A pca.npz that is not a fitted PCA of faceflow's; the message names the file."""
+
+
 def estimator_bytes(pca: PCA) -> bytes:
-    """The fitted PCA as pca.joblib's bytes."""
-    buffer = io.BytesIO()
-    joblib.dump(pca, buffer)
-    return buffer.getvalue()
+    """The fitted PCA as pca.npz's bytes: its arrays, never a pickle."""
+    arrays = {name: np.asarray(getattr(pca, name), dtype=np.float64) for name in PCA_ARRAYS}
+    numbers = {name: np.asarray(getattr(pca, name)) for name in PCA_NUMBERS}
+    return npz_bytes(arrays | numbers | {"whiten": np.asarray(bool(pca.whiten))})
+
+
+def read_estimator(source: bytes, name: str) -> PCA:
+    """A scikit-learn PCA rebuilt from pca.npz's arrays; PCAFileError naming ``name`` when they are not one."""
+    try:
+        stored = read_npz(source, name, PCA_MAX_BYTES)
+    except ArchiveError as error:
+        raise PCAFileError(str(error)) from None
+    missing = [key for key in (*PCA_ARRAYS, *PCA_NUMBERS, "whiten") if key not in stored]
+    if missing:
+        raise PCAFileError(f"{name}: not a fitted PCA (no {', '.join(missing)})")
+    components, mean = stored["components_"], stored["mean_"]
+    count = components.shape[0] if components.ndim == 2 else -1
+    problems = [
+        components.ndim != 2 and f"components_ has shape {components.shape}",
+        mean.shape != components.shape[1:] and f"mean_ has shape {mean.shape}, components_ {components.shape}",
+        *(stored[key].shape != (count,) and f"{key} has shape {stored[key].shape}, not ({count},)"
+          for key in PCA_ARRAYS[2:]),
+        int(stored["n_components_"]) != count and f"n_components_ is {int(stored['n_components_'])}, components_ has {count} rows",
+        not all(np.isfinite(stored[key]).all() for key in PCA_ARRAYS) and "non-finite values",
+    ]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise PCAFileError(f"{name}: not a fitted PCA ({'; '.join(problems)})")
+    pca = PCA(n_components=count, whiten=bool(stored["whiten"]))
+    for key in PCA_ARRAYS:
+        setattr(pca, key, stored[key])
+    pca.n_components_ = count
+    pca.n_samples_, pca.n_features_in_ = int(stored["n_samples_"]), int(stored["n_features_in_"])
+    pca.noise_variance_ = float(stored["noise_variance_"])
+    return pca
 
 
 def load_estimator(fitted: FittedPCA) -> PCA:
@@ -207,8 +249,8 @@ def load_estimator(fitted: FittedPCA) -> PCA:
 
 @functools.lru_cache(maxsize=2)
 def _read_estimator(estimator: bytes) -> PCA:
-    # Sampling maps three sets of coordinates back to pixels: one joblib load, not three.
-    return joblib.load(io.BytesIO(estimator))
+    # Sampling maps three sets of coordinates back to pixels: one read, not three.
+    return read_estimator(estimator, "the fitted PCA (pca.npz)")
 
 
 def to_pixels(fitted: FittedPCA, coords: np.ndarray) -> np.ndarray:

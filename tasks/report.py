@@ -162,7 +162,7 @@ def build_report(run_name: str, inputs: ReportInputs) -> BuiltReport:
             "epoch": np.arange(1, len(history) + 1), "train_loss": history.train_loss,
             "validation_log_prob": history.validation_log_prob, "learning_rate": history.learning_rate,
         }),
-        "pca.joblib": pca.estimator,
+        "pca.npz": pca.estimator,
         "model.pt": trained.checkpoint,
     }
     return BuiltReport(files, embedded, comparison, image_comparison, metrics)

@@ -1,7 +1,7 @@
 """What each pipeline step returns: plain data, addressed by its content ``key``.
 
 Numbers are numpy arrays; a fitted estimator or a trained model is the bytes of its file
-(``pca.joblib``, ``model.pt``), and the step that needs the object loads it. So a cached
+(``pca.npz``, ``model.pt``), and the step that needs the object loads it. So a cached
 result loads with numpy alone, and a run whose every step is cached never imports torch or
 scikit-learn: that is most of what such a re-run would cost. The run folder's files are these
 very bytes, so a folder written again from cached results is byte-identical.
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from faceflow.config import FaceflowConfig
+from faceflow.serializer import allow_stored
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class FittedPCA:
     """A PCA fitted on the fit part, and every face's coordinates in it."""
 
     key: str
-    estimator: bytes  # the fitted scikit-learn PCA as joblib bytes: pca.joblib (tasks.pca.load_estimator)
+    estimator: bytes  # the fitted scikit-learn PCA's arrays: pca.npz (tasks.pca.load_estimator)
     coords: np.ndarray  # (400, n_components) float32, as its transform returns them
     mirror_coords: np.ndarray  # (400, n_components) float32: the same of each face mirrored left to right
     cumulative_variance: np.ndarray  # of the full-rank PCA on the fit part
@@ -299,3 +300,8 @@ class ReportInputs:
         from faceflow.keys import content_key
 
         return content_key(*(getattr(self, part.name) for part in fields(self)))
+
+
+# What a cached step may hold, and so what faceflow.serializer rebuilds when it reads one back.
+allow_stored(Faces, Split, FittedPCA, FaceBatches, TrainingHistory, TrainedFlow, BaselineResult, Baselines, NewPeopleFold,
+             NewPeople, GeneratedFaces, Interpolation, Scores, ModelScore, RunReport)

@@ -24,6 +24,7 @@ from artifacts.publish import publish_figure, publish_markdown, publish_table
 from faceflow.caching import KEYED_INPUTS, cache_key
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
+from faceflow.serializer import RESULTS
 from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
 from tasks.registry import Champion, Promotion, promote, rollback
@@ -32,7 +33,8 @@ from tasks.results import (
     Scores, Split, TrainedFlow,
 )
 
-STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True}
+# Results are stored as arrays and JSON and read back without pickle (faceflow.serializer).
+STEP = {"cache_policy": KEYED_INPUTS, "persist_result": True, **RESULTS}
 
 # Flow runs that have failed or been interrupted: their steps still running in other threads
 # stop at their next epoch, or the flow would wait for them before it could end.
@@ -263,10 +265,12 @@ def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
     from prefect import get_run_logger
 
     from artifacts.dataset_card import card_markdown
-    from faceflow.settings import data_file_from_environment, faces_dir
+    from faceflow.confinement import from_deployment
+    from faceflow.settings import data_file_from_environment, faces_dir, inbox_dir
     from tasks.importers import ingest, summary
 
-    ingested = ingest(path, resize, faces_dir(), data_file_from_environment())
+    # A deployment's form may name only what is in the inbox; the CLI's user, whatever they can read.
+    ingested = ingest(path, resize, faces_dir(), data_file_from_environment(), inbox_dir() if from_deployment() else None)
     for note in ingested.notes:
         get_run_logger().info(note)
     done = summary(ingested)

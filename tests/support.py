@@ -153,7 +153,10 @@ class RunningUI:
         self.port = free_port()
         self.home = home
         self.output = tmp_path / f"{name}.txt"
-        self.env = tagged_env(tag, self.home, FACEFLOW_DATA_FILE=str(data_file), **env)
+        # Deployments read and write only inside their folders (faceflow.confinement): here, the test
+        # session's temporary folder, which holds every test's tmp_path.
+        folders = {"FACEFLOW_INBOX_DIR": str(tmp_path.parent), "FACEFLOW_OUTPUTS_DIR": str(tmp_path.parent)}
+        self.env = tagged_env(tag, self.home, FACEFLOW_DATA_FILE=str(data_file), **(folders | env))
         self.api_url = env.get("PREFECT_API_URL") or api_url_for(self.port)
         self.url = self.api_url.removesuffix("/api") if "PREFECT_API_URL" in env else server_url(self.port)
         self.process = subprocess.Popen(

@@ -2,7 +2,7 @@
 
 log p(x) = log p_model(coords) + log N(x - reconstruction; 0, sigma^2 I) in the 4096 - d
 dimensions the PCA leaves out, sigma^2 the fit faces' squared residual per face and per discarded
-dimension. Checked here against a float64 computation from the saved files (pca.joblib,
+dimension. Checked here against a float64 computation from the saved files (pca.npz,
 model.pt) that shares no code with faceflow's, and for what it is for: comparing models of
 different PCAs, and noticing what the PCA cannot see.
 """
@@ -14,7 +14,6 @@ import io
 import math
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -26,7 +25,7 @@ from tasks.data import split_indices
 from tasks.generate import draw_samples
 from tasks.model import load_checkpoint
 from tasks.new_people import evaluate_fold, new_people_of_fold
-from tasks.pca import fit_pca_on, pixel_scores, residual_log_density
+from tasks.pca import fit_pca_on, pixel_scores, read_estimator, residual_log_density
 from tasks.score import flow_log_prob, model_score, score_faces
 from tasks.train import make_batches, train_flow
 
@@ -47,10 +46,10 @@ def run(faces):
 def _saved(run, tmp_path: Path):
     """The PCA and flow as the run folder holds them, loaded back by their files alone."""
     _, pca, trained, _ = run
-    (tmp_path / "pca.joblib").write_bytes(pca.estimator)
+    (tmp_path / "pca.npz").write_bytes(pca.estimator)
     (tmp_path / "model.pt").write_bytes(trained.checkpoint)
     model, _ = load_checkpoint(tmp_path / "model.pt")
-    return joblib.load(tmp_path / "pca.joblib"), model
+    return read_estimator((tmp_path / "pca.npz").read_bytes(), "pca.npz"), model
 
 
 def _direct_image_log_prob(estimator, model, pixels: np.ndarray, fit_pixels: np.ndarray) -> np.ndarray:
@@ -127,8 +126,8 @@ def test_models_of_different_component_counts_score_the_same_pixels_comparably(f
         gaussian[components] = next(
             r for r in fit_baseline_models(pca, split, config, seed=0).results if r.name == "diagonal Gaussian"
         )
-        # The diagonal Gaussian in image space, computed directly from pca.joblib in float64.
-        estimator = joblib.load(io.BytesIO(pca.estimator))
+        # The diagonal Gaussian in image space, computed directly from pca.npz in float64.
+        estimator = read_estimator(pca.estimator, "pca.npz")
         pixels = faces.flat.astype(np.float64)
         coords = estimator.transform(pixels)
         residual = pixels - estimator.inverse_transform(coords)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from uuid import UUID
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +20,7 @@ from conftest import REPO_ROOT, copy_home
 from commands.server import local_server
 from support import LIGHT_OPTIONS
 from tasks.model import load_checkpoint
+from tasks.pca import read_estimator
 
 ALL_TASKS = {
     "fetch_faces", "split_faces", "fit_pca", "build_dataloader", "train_realnvp",
@@ -38,7 +38,7 @@ def cached_but(computed: set[str]) -> dict[str, str]:
 RUN_FILES = {
     "report.md", "samples.png", "explained_variance.png", "loss_curve.png", "log_prob_histogram.png",
     "interpolation.png", "metrics.json", "config.json", "split.json", "scores.csv",
-    "training_history.csv", "pca.joblib", "model.pt", "manifest.json",
+    "training_history.csv", "pca.npz", "model.pt", "manifest.json",
 }
 QUICK = ["--epochs", "3", "--n-samples", "8", "--steps", "5", *LIGHT_OPTIONS]
 
@@ -139,7 +139,7 @@ def test_reported_heldout_log_prob_is_reproducible_from_saved_files(first_run: d
 
     folder = Path(first_run["output_dir"])
     heldout = json.loads((folder / "split.json").read_text())["heldout"]
-    pca = joblib.load(folder / "pca.joblib")
+    pca = read_estimator((folder / "pca.npz").read_bytes(), "pca.npz")
     model, config = load_checkpoint(folder / "model.pt")
     pixels = load_faces(data_file).flat[heldout]
     with torch.no_grad():
@@ -250,8 +250,8 @@ DAMAGE = {
     "folder deleted": (lambda folder: shutil.rmtree(folder), ["the folder or its manifest.json is missing"]),
     "model.pt deleted": (lambda folder: _remove(folder, "model.pt"), ["model.pt is missing"]),
     "model.pt emptied": (lambda folder: (folder / "model.pt").write_bytes(b""), ["model.pt has changed"]),
-    "metrics.json and pca.joblib deleted": (lambda folder: _remove(folder, "metrics.json", "pca.joblib"),
-                                            ["metrics.json is missing", "pca.joblib is missing"]),
+    "metrics.json and pca.npz deleted": (lambda folder: _remove(folder, "metrics.json", "pca.npz"),
+                                            ["metrics.json is missing", "pca.npz is missing"]),
 }
 
 

@@ -290,13 +290,13 @@ def test_a_retraining_whose_champion_moved_is_judged_again_never_promoted_unjudg
 
 def _pca_log_p(folder: Path, pixels: np.ndarray) -> np.ndarray:
     """log p of PCA coordinates under the champion files in ``folder``, computed here from the folder's files alone."""
-    import joblib
     import torch
 
     from tasks.model import load_checkpoint
+    from tasks.pca import read_estimator
 
     model, _ = load_checkpoint(folder / "model.pt")
-    coords = joblib.load(folder / "pca.joblib").transform(pixels).astype(np.float32)
+    coords = read_estimator((folder / "pca.npz").read_bytes(), str(folder / "pca.npz")).transform(pixels).astype(np.float32)
     with torch.no_grad():
         return model.log_prob(torch.from_numpy(coords)).double().numpy()
 

@@ -76,14 +76,14 @@ def _validation_image_log_p(folder: Path, faces, faces_of: Path | None = None) -
     """Mean log p of the pixels, under the model in run folder ``folder``, of the validation faces of run ``faces_of``
     (default: its own): its PCA coordinates' log p plus the residual's isotropic Gaussian, from the folders' files alone.
     """
-    import joblib
     import torch
 
     from tasks.model import load_checkpoint
+    from tasks.pca import read_estimator
 
     validation = json.loads(((faces_of or folder) / "split.json").read_text())["validation"]
     model, _ = load_checkpoint(folder / "model.pt")
-    pca = joblib.load(folder / "pca.joblib")
+    pca = read_estimator((folder / "pca.npz").read_bytes(), "pca.npz")
     variance = json.loads((folder / "metrics.json").read_text())["pca_residual_variance"]
     pixels = faces.flat[validation].astype(np.float64)
     coords = pca.transform(pixels)
@@ -134,7 +134,7 @@ def test_the_variable_and_the_champion_folder_agree(retrained: dict) -> None:
     assert retrained["variables"][0] == retrained["variables"][1]  # unchanged by the rejected challenger
     folder = champion_path(models).resolve()
     assert folder.name.startswith("champion-") and {p.name for p in folder.iterdir()} >= {
-        "model.pt", "pca.joblib", "split.json", "metrics.json", "champion.json"}
+        "model.pt", "pca.npz", "split.json", "metrics.json", "champion.json"}
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["validation_log_prob"] == pytest.approx(record.validation_log_prob)
     assert (Path(record.run_folder) / "model.pt").read_bytes() == (folder / "model.pt").read_bytes()

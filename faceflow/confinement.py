@@ -1,0 +1,67 @@
+"""Paths a deployment form can name stay inside their folders.
+
+Anyone who can fill in a deployment's form in the UI chooses what a worker reads and where it
+writes, with the worker's rights: the ingest deployment reads only under FACEFLOW_INBOX_DIR, a
+form's ``data.data_file`` is FACEFLOW_DATA_FILE or a file in the inbox, and its ``output_dir``
+lies under FACEFLOW_OUTPUTS_DIR. A path is resolved with its symlinks before it is compared, so
+a link that leads out of the folder is refused too.
+
+The CLI is not confined: `faceflow ingest ~/photos` reads what its user can read already. A
+flow run is confined when a deployment started it (``prefect.runtime.deployment.id``), which a
+flow called in the CLI's own process never is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from faceflow.config import FaceflowConfig
+from faceflow.settings import (
+    DATA_FILE_VARIABLE, INBOX_DIR_VARIABLE, OUTPUTS_DIR_VARIABLE, data_file_from_environment, inbox_dir, outputs_dir,
+)
+
+
+class ConfinementError(ValueError):
+    """A path that leaves the folder it must stay in; the message names the field, the path and the folder."""
+
+
+def from_deployment() -> bool:
+    """Whether this flow run was started from a deployment (the UI's forms, schedules, triggers)."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
+def confined(path: Path, root: Path, field: str, variable: str, relative_to: Path | None = None) -> Path:
+    """``path`` resolved (symlinks followed), if it lies inside ``root``; ConfinementError otherwise.
+
+    A relative ``path`` is taken relative to ``relative_to`` (default: the working directory, as
+    the code that uses it would take it).
+    """
+    path = Path(path).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    resolved, folder = path.resolve(), root.resolve()
+    if resolved != folder and folder not in resolved.parents:
+        via = f" (a symlink to {resolved})" if path.absolute() != resolved and _is_link_on_the_way(path) else ""
+        raise ConfinementError(f"{field} {str(path)!r}{via} is outside {folder}: a deployment reads and writes only "
+                               f"inside the folder {variable} names")
+    return resolved
+
+
+def _is_link_on_the_way(path: Path) -> bool:
+    path = path.absolute()
+    return any(part.is_symlink() for part in (path, *path.parents))
+
+
+def check_form_paths(configs: Iterable[FaceflowConfig]) -> None:
+    """In a flow run a deployment started: each config's output_dir and data file inside their folders."""
+    if not from_deployment():
+        return
+    for config in configs:
+        confined(config.output_dir, outputs_dir(), "output_dir", OUTPUTS_DIR_VARIABLE)
+        data_file = config.data.data_file
+        allowed = data_file_from_environment()
+        if data_file is not None and not (allowed is not None and Path(data_file).resolve() == allowed.resolve()):
+            confined(data_file, inbox_dir(), "data.data_file", f"{INBOX_DIR_VARIABLE} (or {DATA_FILE_VARIABLE} itself)")
