@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +76,16 @@ def folder_name(run_folder: Path, record: ChampionRecord) -> str:
     return f"champion-{run_folder.name.removeprefix('run-')}-{record.seed}"
 
 
-def promote(run_folder: Path, record: ChampionRecord, row: dict[str, Any], models: Path, alias: Alias) -> Path:
-    """Make the run's model the champion: folder, link, alias, leaderboard row, as one transaction."""
+def promote(run_folder: Path, record: ChampionRecord, row: dict[str, Any], models: Path, alias: Alias,
+            refuse: Callable[[ChampionRecord], None] | None = None) -> Path:
+    """Make the run's model the champion: folder, link, alias, leaderboard row, as one transaction.
+
+    ``refuse(record)`` raises when the model may not be promoted (fitted on a version whose person was
+    since forgotten: tasks.forgetting.refuse_retired); checked under the lock a purge holds too.
+    """
     with registry_lock(models):
+        if refuse is not None:
+            refuse(record)
         target = models / folder_name(run_folder, record)
         row = row | {"transaction": uuid.uuid4().hex}
         _journal(models, {"kind": "promotion", "folder": target.name, "record": record.to_json(), "row": row})

@@ -21,10 +21,10 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from artifacts.publish import publish_figure, publish_markdown, publish_table
-from faceflow.caching import KEYED_INPUTS, cache_key
+from faceflow.caching import KEYED_INPUTS, cache_key, checkpoint_folder
 from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
-from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
+from faceflow.settings import checkpoint_seconds, faces_dir, models_dir
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
 from tasks.registry import Champion, promote, rollback
 from tasks.results import (
@@ -142,7 +142,7 @@ def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: 
 
     # Named by the task's own cache key, faceflow's code included: a checkpoint of other code is never resumed.
     resume_key = cache_key("train_realnvp", {"batches": batches, "config": config, "seed": seed, "device": device})
-    resume_file = prefect_home() / "checkpoints" / f"{resume_key}.pt"
+    resume_file = checkpoint_folder() / f"{resume_key}.pt"
     with TrainingProgress(config.epochs) as progress:
         trained = train_flow(
             batches, config, seed, device=device, resume_file=resume_file, checkpoint_every=checkpoint_seconds(),
@@ -258,22 +258,28 @@ def report(run_folder: Path, inputs: ReportInputs) -> RunReport:
 
 
 @task(name="ingest_faces", cache_policy=NO_CACHE)
-def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
-    """Read, check and add a folder, .npz or .mat of faces to the face store; its dataset card in the UI."""
+def ingest_faces(path: Path, resize: bool, readmit: bool = False, asked_by: str = "user") -> dict[str, object]:
+    """Read, check and add a folder, .npz or .mat of faces to the face store; its dataset card in the UI.
+
+    An image of a forgotten person is refused naming the erasure, unless ``readmit`` (then logged).
+    """
     from prefect import get_run_logger
 
     from artifacts.dataset_card import card_markdown
     from faceflow.settings import data_file_from_environment, faces_dir
     from tasks.importers import ingest, summary
 
-    ingested = ingest(path, resize, faces_dir(), data_file_from_environment())
+    ingested = ingest(path, resize, faces_dir(), data_file_from_environment(), models=models_dir(), readmit=readmit,
+                      asked_by=asked_by)
     for note in ingested.notes:
         get_run_logger().info(note)
     done = summary(ingested)
     if done["version"] is not None:
-        publish_markdown("faceflow-faces", card_markdown(done["version"], done["previous"], ingested.people_counts,
+        version = done["version"]
+        # The version id in the description: a purge finds the card of a version it deletes by it (flows/forget.py).
+        publish_markdown("faceflow-faces", card_markdown(version, done["previous"], ingested.people_counts,
                                                           ingested.new_people, ingested.new_images, ingested.notes),
-                         f"Faces version {done['version']['number']}: people, images per person, what it added")
+                         f"Faces version {version['number']} ({version['id'][:12]}): people, images per person, what it added")
     return done
 
 
@@ -352,7 +358,12 @@ def roll_back_champion(to: str | None, who: str, why: str) -> tuple[Champion, di
 @task(name="promote_champion", cache_policy=NO_CACHE)
 def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path) -> Path:
     """Make the challenger the champion: its folder, the link, the Variable and its leaderboard row, as one transaction."""
-    installed = promote(run_folder, record, row, models, ChampionVariable())
+    from tasks.forgetting import refuse_retired
+    from tasks.store import FaceStore
+
+    store = FaceStore(faces_dir())
+    installed = promote(run_folder, record, row, models, ChampionVariable(),
+                        refuse=lambda challenger: refuse_retired(store, challenger.faces_version))
     announce_champion(CHAMPION_PROMOTED, installed.name, record, str(row.get("why") or ""),
                       who=f"flow run {flow_run.name}" if flow_run.name else None)
     publish_table("faceflow-champion", [record.to_json()], "The new champion")

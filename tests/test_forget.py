@@ -68,7 +68,7 @@ def test_purging_deletes_every_version_and_shard_that_held_them(tmp_path: Path, 
 
 
 def test_forgetting_someone_not_there_or_everyone_is_refused_and_the_store_unchanged(tmp_path: Path, faces) -> None:
-    from tasks.forgetting import forget_person
+    from tasks.forgetting import Places, forget_person
 
     store = olivetti_store(tmp_path / "faces", faces)
     before = store_snapshot(store.root)
@@ -80,7 +80,7 @@ def test_forgetting_someone_not_there_or_everyone_is_refused_and_the_store_uncha
     store.forget(FORGOTTEN)
     again = store_snapshot(store.root)
     with pytest.raises(StoreError, match=rf"person '{FORGOTTEN}' was forgotten in faces version 2 already; --purge"):
-        forget_person(FORGOTTEN, False, store, [], tmp_path / "m", tmp_path / "r", tmp_path / "l", tmp_path / "i")
+        forget_person(FORGOTTEN, False, store, Places(tmp_path / "m", tmp_path / "r", tmp_path / "i", tmp_path / "l", tmp_path / "c"))
     assert store_snapshot(store.root) == again
     alone = FaceStore(tmp_path / "alone")
     alone.add(faces.images[:10], ["solo"] * 10, [f"s{i}" for i in range(10)])
