@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from tasks.steps import ingest_faces
@@ -22,7 +22,7 @@ VERSION_CREATED = "faceflow.faces.version.created"
 
 def who_asked() -> str:
     """Who asked for this run (the erasure log records it): the deployment run, else the user running it."""
-    if flow_run.deployment_id:
+    if deployment.id:
         return f"deployment run {flow_run.name}"
     return f"user {getpass.getuser()}"
 
