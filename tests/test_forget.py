@@ -215,7 +215,8 @@ def forgotten(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrate
             deployment = retrain_trigger_automation(server.api_url)
             found["forget"] = faceflow_forget(person=ENDPOINT_PERSON, output_dirs=[root / "outputs"])
             found["triggered"] = wait_until(lambda: runs_of(server.api_url, deployment), 60, "the automation's retraining run")
-            found["events"] = version_events(server.api_url)
+            found["events"] = wait_until(lambda: [e for e in version_events(server.api_url) if e["payload"].get("forgotten")],
+                                         60, "the forget's version event in the server's event store")
             found["stale"] = champion()
             retrain(*CHALLENGERS[1])
             found["after"] = champion()
@@ -323,7 +324,7 @@ def test_purge_leaves_nothing_derived_from_the_visitor_anywhere(forgotten: dict,
     stored += [Path(f.state.data.storage_key) for f in forgotten["flow_runs"]
                if f.id in flows and getattr(f.state.data, "storage_key", None)]
     assert stored and not [path for path in stored if path.exists()]
-    keys = {run.cache_key for run in tasks if run.cache_key}
+    keys = {Path(run.state.data.storage_key).name for run in tasks if getattr(run.state.data, "storage_key", None)}
     assert keys and not [k for k in keys if (checkpoint_folder() / f"{k}.pt").exists() or (lock_folder() / f"{k}.lock").exists()
                          or (lock_folder() / f"{k}.pid").exists()]
     assert not [path for path in forgotten["leftovers"] if path.exists()]
