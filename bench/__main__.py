@@ -21,7 +21,6 @@ import torch
 
 from bench import flow_runs, quality, service, store, sweeps, training_speed
 from commands.signals import answer_ctrl_c_again
-from faceflow.config import FaceflowConfig
 from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
 from tasks.data import load_faces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import inspect
 import json
 import logging
@@ -161,6 +162,7 @@ def _check_faces_version(config: FaceflowConfig, data_file: Path | None) -> None
     from faceflow.settings import faces_dir
     from tasks.data import FaceLabels, check_config_against
     from tasks.data import open_store
+    from tasks.forgetting import forgotten_endpoints
     from tasks.store import FaceStore, UnknownVersionError
 
     store = FaceStore(faces_dir())
@@ -173,7 +175,8 @@ def _check_faces_version(config: FaceflowConfig, data_file: Path | None) -> None
     except UnknownVersionError as error:
         raise FacesVersionError(f"data.faces_version: {error}") from None
     rows = store.manifest(version)
-    check_config_against(FaceLabels.of([r["image_id"] for r in rows], [r["person"] for r in rows]), config)
+    check_config_against(FaceLabels.of([r["image_id"] for r in rows], [r["person"] for r in rows]), config,
+                         forgotten_endpoints(models_dir()))
 
 
 def run(**options: Any) -> None:
@@ -532,6 +535,8 @@ app.command("sweep")(sweep)
 def ingest(
     path: Annotated[Path, typer.Argument(help="A folder with one sub-folder of images per person (PNG, JPEG, PGM), an .npz with images (n, 64, 64) and people (n,), or a .mat in the Olivetti layout.")],
     resize: Annotated[bool, typer.Option("--resize/--no-resize", help="Resize images that are not 64x64 (said per file); --no-resize refuses them.")] = True,
+    readmit: Annotated[bool, typer.Option("--readmit", help="Accept images of a forgotten person (refused otherwise, "
+                                          "naming the erasure); the readmission is recorded in the erasure log.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
 ) -> None:
     """Add faces to the face store as a new version: the latest one plus every image it does not hold yet.
@@ -548,11 +553,12 @@ def ingest(
     api_url = api_url_from_environment() or recorded_server(prefect_home())
     try:
         if api_url is None:
-            ingested = ingest_into(path, resize, faces_dir(), data_file_from_environment())
+            ingested = ingest_into(path, resize, faces_dir(), data_file_from_environment(), models=models_dir(),
+                                   readmit=readmit, asked_by=f"user {getpass.getuser()}")
             notes, done = ingested.notes, summary(ingested)
         else:
             notes = read_input(path, resize).notes  # refused here, before any flow run, if it is bad
-            done = _ingest_on_server(path, resize, api_url)
+            done = _ingest_on_server(path, resize, readmit, api_url)
     except (StoreError, DataFileError) as error:
         typer.echo(f"faceflow ingest refused: {error}", err=True)
         raise typer.Exit(code=2) from None
@@ -567,13 +573,13 @@ def ingest(
     _print_ingest(done, path, json_output)
 
 
-def _ingest_on_server(path: Path, resize: bool, api_url: str) -> dict:
+def _ingest_on_server(path: Path, resize: bool, readmit: bool, api_url: str) -> dict:
     """The faceflow-ingest flow, recorded by the server at ``api_url``: store, dataset card, event."""
     from commands.runner import recorded_at
     from flows.ingest import faceflow_ingest
 
     with recorded_at(api_url):
-        state = faceflow_ingest(path=path, resize=resize, return_state=True)
+        state = faceflow_ingest(path=path, resize=resize, readmit=readmit, return_state=True)
     return state.result()  # raises what refused the input
 
 
@@ -600,7 +606,10 @@ app.command("ingest")(ingest)
 def forget(
     person: Annotated[str, typer.Argument(help="The person's label in the face store (`faceflow faces latest` lists them).")],
     purge: Annotated[bool, typer.Option("--purge", help="Also delete the older versions that hold them, and every run "
-                                        "folder, champion and cached task result computed from those versions.")] = False,
+                                        "folder, champion, cached task result, checkpoint, persisted run result and "
+                                        "artifact computed from those versions.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Change nothing: list every place that still holds their "
+                                         "faces or something computed from them (exit status 1 when one does).")] = False,
     outputs: Annotated[list[Path] | None, typer.Option("--outputs", help="A folder of run folders to purge (repeatable; "
                                                         "default outputs/), besides those the leaderboard names.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
@@ -610,31 +619,71 @@ def forget(
     With a Prefect server running (`make ui`, or PREFECT_API_URL) it runs as the faceflow-forget
     flow there, and the new version's event triggers the weekly-retrain deployment, which replaces
     a stale champion. Without --purge the older versions keep their images, so old runs stay
-    reproducible; with it nothing derived from them is left on this machine.
+    reproducible; with it nothing derived from them is left (docs/data.md says what is deleted, where).
+    --purge and --verify need the server's artifacts: without a running server they start one.
+    Every forget is one line of the erasure log (models/erasures.jsonl).
     """
     from commands.server import recorded_server
     from flows.forget import forget_here
     from tasks.store import check_person
 
     output_dirs = outputs or [Path("outputs")]
-    api_url = api_url_from_environment() or recorded_server(prefect_home())
     try:
         check_person(person, "person")
-        if api_url is None:
-            done = forget_here(person, purge, output_dirs)
-        else:
-            from commands.runner import recorded_at
-            from flows.forget import faceflow_forget
+        if verify and purge:
+            raise StoreError("--verify changes nothing and --purge deletes: give one of them")
+        if verify:
+            from tasks.forgetting import refuse_unless_forgotten
 
-            with recorded_at(api_url):
-                state = faceflow_forget(person=person, purge=purge, output_dirs=output_dirs, return_state=True)
-            done = state.result()  # raises what refused it
+            refuse_unless_forgotten(models_dir(), person)  # before a server is started for nothing
+        api_url = api_url_from_environment() or recorded_server(prefect_home())
+        if api_url is None and not (purge or verify):
+            done: dict[str, Any] = {"done": forget_here(person, purge, output_dirs)}
+        else:
+            done = _on_a_server("forget", server_start_timeout(), lambda url: _forget_on_server(person, purge, verify, output_dirs, url),
+                                "nothing was deleted after the interruption; `faceflow forget --verify` lists what is left")
+        if "refused" in done:
+            raise StoreError(done["refused"])
     except StoreError as error:
         typer.echo(f"faceflow forget refused: {error}", err=True)
         raise typer.Exit(code=2) from None
     except OSError as error:
         typer.echo(f"faceflow forget failed: {error}", err=True)
         raise typer.Exit(code=1) from None
+    if verify:
+        _print_verify(person, done["found"], json_output)
+        return
+    _print_forget(person, done["done"], api_url, json_output)
+
+
+def _forget_on_server(person: str, purge: bool, verify: bool, output_dirs: list[Path], api_url: str) -> dict[str, Any]:
+    """The faceflow-forget (or -verify) flow, recorded by the server at ``api_url``; a refusal as {"refused": message}."""
+    from commands.runner import recorded_at
+    from flows.forget import faceflow_forget, faceflow_forget_verify
+
+    try:
+        with recorded_at(api_url):
+            if verify:
+                return {"found": faceflow_forget_verify(person=person, output_dirs=output_dirs, return_state=True).result()}
+            return {"done": faceflow_forget(person=person, purge=purge, output_dirs=output_dirs, return_state=True).result()}
+    except StoreError as error:
+        return {"refused": str(error)}
+
+
+def _print_verify(person: str, found: list[str], json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps({"person": person, "found": found}))
+    elif not found:
+        typer.echo(f"nothing of {person} found: face store, run folders, registry, result storage, cache index, "
+                   "lock files, checkpoints, persisted results and the server's artifacts")
+    else:
+        for place in found:
+            typer.echo(place)
+    if found:
+        raise typer.Exit(code=1)
+
+
+def _print_forget(person: str, done: dict[str, Any], api_url: str | None, json_output: bool) -> None:
     if json_output:
         typer.echo(json.dumps(done))
         return
@@ -644,13 +693,16 @@ def forget(
                    f"{version['people']} people; {done['images']} images of {person} left out")
         typer.echo(f"{_count(len(done['retired']), 'version')} held {person}: "
                    "a champion fitted on one is stale until the next retraining")
-    if api_url is None and version:
+    if api_url is None and version and not done["purged"]:
         typer.echo("no Prefect server is running (make ui): no event announced the version, so no retraining was triggered",
                    err=True)
     if done["purged"]:
         purged = done["purged"]
         typer.echo(f"purged {_count(len(purged['versions']), 'version')}, {_count(len(purged['run_folders']), 'run folder')}, "
-                   f"{_count(len(purged['champions']), 'champion folder')}, {_count(purged['cached_results'], 'cached task result')}")
+                   f"{_count(len(purged['champions']), 'champion folder')}, {_count(purged['cached_results'], 'cached task result')}, "
+                   f"{_count(purged['checkpoints'], 'checkpoint')}, {_count(purged['flow_results'], 'persisted result')}, "
+                   f"{_count(purged['artifacts'], 'artifact')}")
+    typer.echo(f"erasure {done['erasure']} recorded in the erasure log")
 
 
 def _count(number: int, noun: str) -> str:

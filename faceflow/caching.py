@@ -4,9 +4,11 @@ Every task input is a ``Keyed`` result or a plain parameter (faceflow.keys); the
 those keys with the digest of faceflow's source, so editing the code invalidates the cache.
 
 Flows run a version's steps under the tag ``faces:<version id, 12 digits>`` (``version_tag``),
-which the UI shows on each task run; the policy also notes each key computed under it in
-``$PREFECT_HOME/faceflow-cache-index/<version>``, so that forgetting a person can delete the
-cached results computed from the versions that held them (tasks.forgetting).
+which the UI shows on each task run; the policy also notes each key computed under it in the
+cache index, ``.faceflow-cache-index/<version>`` inside Prefect's result storage: beside the
+results, so it is shared wherever they are (every machine and Dask worker of the several-machine
+set-up notes into the one index), and forgetting a person can delete the cached results, lock
+files and checkpoints computed from the versions that held them (tasks.forgetting).
 
 Its isolation is serializable: a second identical run waits for the first one's step and reads
 its result. The locks live in Redis when FACEFLOW_REDIS_URL is set (they expire, so a dead
@@ -29,7 +31,7 @@ from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 
 from faceflow.keys import content_key, project_source_digest
-from faceflow.settings import lock_seconds, prefect_home, redis_url
+from faceflow.settings import lock_seconds, prefect_home, redis_url, result_storage
 
 
 @dataclass
@@ -59,8 +61,17 @@ def version_tag(version_id: str) -> str:
 
 
 def cache_index() -> Path:
-    """Where each version's cache keys are noted: one file per version (12 hex digits), a key per line."""
-    return prefect_home() / "faceflow-cache-index"
+    """Where each version's cache keys are noted: one file per version (12 hex digits), a key per line.
+
+    Inside the result storage, beside the results it indexes: a machine that computes a result
+    notes it where every other machine's purge reads. Prefect's keys never start with a dot.
+    """
+    return result_storage() / ".faceflow-cache-index"
+
+
+def checkpoint_folder() -> Path:
+    """Where a training writes its resumable checkpoints, named by its cache key (this machine's PREFECT_HOME)."""
+    return prefect_home() / "checkpoints"
 
 
 def lock_folder() -> Path:

@@ -183,12 +183,15 @@ class SampleConfig(_Section):
 class InterpolateConfig(_Section):
     """A walk through latent space between two real faces of different people."""
 
-    face_a: str = Field(
-        "olivetti-00:0", pattern=f"^({ENDPOINT_PATTERN})$",
+    face_a: str | None = Field(
+        None, pattern=f"^({ENDPOINT_PATTERN})$",
         description="First face: person:index (the index-th image of that person in the version) or an image id "
-        "(or a prefix of at least 6 hex digits of one).",
+        "(or a prefix of at least 6 hex digits of one); unset: the first image of the version's first person (in name order), so forgetting anyone never leaves it pointing nowhere.",
     )
-    face_b: str = Field("olivetti-13:0", pattern=f"^({ENDPOINT_PATTERN})$", description="Second face, another person.")
+    face_b: str | None = Field(
+        None, pattern=f"^({ENDPOINT_PATTERN})$",
+        description="Second face, another person; unset: the first image of the first person (in name order) other than face_a's.",
+    )
     steps: int = Field(8, ge=2, le=64, description="Faces along the path, both ends included.")
     method: Literal["linear", "spherical"] = Field(
         "spherical", description="Interpolation in latent space."
@@ -196,7 +199,7 @@ class InterpolateConfig(_Section):
 
     @model_validator(mode="after")
     def _two_faces(self) -> InterpolateConfig:
-        if self.face_a == self.face_b:
+        if self.face_a is not None and self.face_a == self.face_b:
             raise ValueError(f"face_a and face_b are both {self.face_a!r}; choose images of two different people")
         return self
 

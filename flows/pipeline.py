@@ -15,9 +15,11 @@ from faceflow.config import FaceflowConfig
 from faceflow.confinement import check_form_paths
 from faceflow.keys import content_key, project_source_digest
 from faceflow.serializer import RESULTS, allow_stored
+from faceflow.settings import models_dir
 from faceflow.threads import limited_threads
 from flows.states import TaskStates
-from tasks.data import check_config_against, interpolation_endpoints, resolve_data_file
+from tasks.data import check_config_against, interpolation_endpoints, resolve_data_file, with_endpoints
+from tasks.forgetting import forgotten_endpoints
 from tasks.devices import resolve_device
 from tasks.results import Faces, ReportInputs, RunReport
 from tasks.steps import (
@@ -68,8 +70,9 @@ def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResu
     with limited_threads(config.threads), steps.stopping_others_on_failure():
         # The version is resolved once, here; every later step, the run folder and config.json see its id.
         faces = steps.run(fetch_faces, data_file, config.data.faces_version)
-        check_config_against(faces, config)  # too few people, bad endpoints, too many components: before any work
-        config = with_version(config, faces.version)
+        forgotten = forgotten_endpoints(models_dir())  # an endpoint naming a forgotten person is refused saying so
+        check_config_against(faces, config, forgotten)  # too few people, bad endpoints, too many components: before any work
+        config = with_endpoints(faces, with_version(config, faces.version), forgotten)  # config.json says which faces
         run_folder = run_folder_for(config, None)
         with tags(version_tag(faces.version)):  # each step's task run names its version; its cache key is noted
             inputs = _run_tasks(steps, config, faces, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,11 +254,19 @@ def new_people_split(faces: Labelled, config: DataConfig, people: list[int], tun
                  *parts, heldout, fitted_whole=known.fitted_whole, image_ids=tuple(faces.image_ids))
 
 
-def endpoint_index(faces: Labelled, text: str, field: str) -> int:
-    """The image an interpolation endpoint names: person:index, or an image id or unambiguous id prefix."""
+def endpoint_index(faces: Labelled, text: str, field: str, forgotten: Mapping[str, str] | None = None) -> int:
+    """The image an interpolation endpoint names: person:index, or an image id or unambiguous id prefix.
+
+    ``forgotten`` maps a forgotten person's label and image ids to the erasure that forgot them,
+    so an endpoint naming one is refused saying so.
+    """
+    forgotten = forgotten or {}
     if ":" in text:
         person, _, number = text.rpartition(":")
         if person not in faces.people:
+            if person in forgotten:
+                raise FacesVersionError(f"{field}: {person} was {forgotten[person]}; name another person, or leave "
+                                        f"{field} unset for the version's default")
             raise FacesVersionError(f"{field}: no person {person!r} in this version ({len(faces.people)} people)")
         images = np.flatnonzero(faces.target == faces.people.index(person))
         if int(number) >= len(images):
@@ -266,25 +274,53 @@ def endpoint_index(faces: Labelled, text: str, field: str) -> int:
         return int(images[int(number)])
     matches = [i for i, identity in enumerate(faces.image_ids) if identity.startswith(text)]
     if len(matches) != 1:
+        erased = [why for identity, why in forgotten.items() if len(identity) == 64 and identity.startswith(text)]
+        if not matches and erased:
+            raise FacesVersionError(f"{field}: image {text!r} is of a person who was {erased[0]}; name another image, "
+                                    f"or leave {field} unset for the version's default")
         problem = "names several images" if matches else "is no image id"
         raise FacesVersionError(f"{field}: {text!r} {problem} of this version")
     return matches[0]
 
 
-def interpolation_endpoints(faces: Labelled, config: FaceflowConfig) -> tuple[int, int]:
-    """Both endpoints as image indices, of two different people; FacesVersionError naming the field otherwise."""
-    a = endpoint_index(faces, config.interpolate.face_a, "interpolate.face_a")
-    b = endpoint_index(faces, config.interpolate.face_b, "interpolate.face_b")
+def _first_image_other_than(faces: Labelled, person: int | None) -> int:
+    """The first image of the first person (in name order) who is not ``person``."""
+    chosen = next(p for p in range(len(faces.people)) if p != person)
+    return int(np.flatnonzero(faces.target == chosen)[0])
+
+
+def interpolation_endpoints(faces: Labelled, config: FaceflowConfig, forgotten: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """Both endpoints as image indices, of two different people; FacesVersionError naming the field otherwise.
+
+    An endpoint left unset comes from the version: face_a the first image of its first person,
+    face_b the first image of the first other person; so no person is needed by the defaults.
+    """
+    face_a, face_b = config.interpolate.face_a, config.interpolate.face_b
+    a = (endpoint_index(faces, face_a, "interpolate.face_a", forgotten) if face_a is not None
+         else _first_image_other_than(faces, None if face_b is None else _person_named(faces, face_b, forgotten)))
+    b = (endpoint_index(faces, face_b, "interpolate.face_b", forgotten) if face_b is not None
+         else _first_image_other_than(faces, int(faces.target[a])))
     if faces.target[a] == faces.target[b]:
         person = faces.people[int(faces.target[a])]
         raise FacesVersionError(
-            f"interpolate.face_a ({config.interpolate.face_a}) and interpolate.face_b ({config.interpolate.face_b}) "
+            f"interpolate.face_a ({face_a}) and interpolate.face_b ({face_b}) "
             f"are both person {person}; choose images of two different people"
         )
     return a, b
 
 
-def check_config_against(faces: Labelled, config: FaceflowConfig) -> None:
+def _person_named(faces: Labelled, face_b: str, forgotten: Mapping[str, str] | None) -> int:
+    return int(faces.target[endpoint_index(faces, face_b, "interpolate.face_b", forgotten)])
+
+
+def with_endpoints(faces: Labelled, config: FaceflowConfig, forgotten: Mapping[str, str] | None = None) -> FaceflowConfig:
+    """``config`` with both interpolation endpoints resolved to image ids: what the run used, in config.json."""
+    a, b = interpolation_endpoints(faces, config, forgotten)
+    resolved = config.interpolate.model_copy(update={"face_a": faces.image_ids[a], "face_b": faces.image_ids[b]})
+    return config.model_copy(update={"interpolate": resolved})
+
+
+def check_config_against(faces: Labelled, config: FaceflowConfig, forgotten: Mapping[str, str] | None = None) -> None:
     """What a config needs of the version it runs on; FacesVersionError naming the field, before any work."""
     data = config.data
     needed = data.new_people_per_fold * data.new_people_folds + MIN_KNOWN_PEOPLE
@@ -297,7 +333,7 @@ def check_config_against(faces: Labelled, config: FaceflowConfig) -> None:
     split = split_indices(faces, data)
     if not len(split.heldout):
         raise FacesVersionError(f"data.heldout_fraction ({data.heldout_fraction}): no image of this version is held out")
-    interpolation_endpoints(faces, config)
+    interpolation_endpoints(faces, config, forgotten)
     wanted = config.pca.n_components
     if wanted is not None:
         # Centred data of n images has rank n - 1; couplings need an even count. The PCA of a

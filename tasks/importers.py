@@ -250,18 +250,31 @@ class Ingested:
 MONTAGE_LIMIT = 64  # the card shows at most this many of the new faces
 
 
-def ingest(path: Path, resize: bool, store_root: Path, data_file: Path | None, inbox: Path | None = None) -> Ingested:
+def ingest(path: Path, resize: bool, store_root: Path, data_file: Path | None, inbox: Path | None = None,
+           models: Path | None = None, readmit: bool = False, asked_by: str = "user") -> Ingested:
     """Read and check ``path`` whole, then add it to the store at ``store_root`` as a new version.
 
     Bad input raises IngestError before the store is touched (on first use, version 1 is made
     from the Olivetti faces only once the input has read clean). With ``inbox``, everything
-    read must lie inside it (read_input).
+    read must lie inside it (read_input). An image the erasure log of the registry ``models``
+    forgot is refused naming the erasure; with ``readmit`` it is added and the readmission logged.
     """
+    from tasks.forgetting import append_erasure, forgotten_images, now_utc
+
     incoming = read_input(path, resize, inbox)
     store, _ = open_store(store_root, data_file)
-    result = store.add(incoming.images, incoming.people, incoming.sources)
+    forgotten = forgotten_images(models) if models is not None else {}
+    result = _checked(lambda: store.add(incoming.images, incoming.people, incoming.sources, forgotten, readmit))
     latest = result.version or result.previous
     assert latest is not None  # open_store made version 1 at least
+    if result.version is not None and forgotten and models is not None:
+        back = [row for row in store.manifest(result.version)
+                if row["added_in"] == str(result.version.number) and row["image_id"] in forgotten]
+        if back:
+            append_erasure(models, {"kind": "readmit", "time": now_utc(), "asked_by": asked_by,
+                                    "person": ", ".join(sorted({row["person"] for row in back})), "source": str(path),
+                                    "version_written": result.version.to_json(), "readmitted_from": sorted({forgotten[row["image_id"]] for row in back}),
+                                    "image_ids": sorted(row["image_id"] for row in back)})
     rows = store.manifest(latest)
     counts: dict[str, int] = {}
     for row in rows:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 
 from faceflow.config import BaselineConfig, DataConfig, PCAConfig, TrainConfig
 from faceflow.keys import content_key

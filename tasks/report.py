@@ -15,9 +15,8 @@ from artifacts import figures
 from artifacts.markdown import data_uri
 from artifacts.report import FIGURES, comparison_table, conclusions, image_comparison_table, report_markdown
 from artifacts.tables import json_safe
-from faceflow.config import FaceflowConfig
 from tasks.results import (
-    Baselines, FittedPCA, GeneratedFaces, Interpolation, NewPeople, ReportInputs, Scores, Split, TrainedFlow,
+    Baselines, FittedPCA, GeneratedFaces, Interpolation, NewPeople, ReportInputs, Scores, TrainedFlow,
 )
 from tasks.score import bits_per_dim
 

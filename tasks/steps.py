@@ -21,11 +21,11 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from artifacts.publish import publish_figure, publish_markdown, publish_table
-from faceflow.caching import KEYED_INPUTS, cache_key
-from faceflow.config import BaselineConfig, DataConfig, FaceflowConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
+from faceflow.caching import KEYED_INPUTS, cache_key, checkpoint_folder
+from faceflow.config import BaselineConfig, DataConfig, InterpolateConfig, PCAConfig, SampleConfig, TrainConfig
 from faceflow.keys import content_key
 from faceflow.serializer import RESULTS
-from faceflow.settings import checkpoint_seconds, faces_dir, models_dir, prefect_home
+from faceflow.settings import checkpoint_seconds, faces_dir, models_dir
 from tasks.champion import CHAMPION_VARIABLE, ChampionRecord
 from tasks.registry import Champion, Promotion, promote, rollback
 from tasks.results import (
@@ -144,7 +144,7 @@ def train_realnvp(batches: FaceBatches, config: TrainConfig, seed: int, device: 
 
     # Named by the task's own cache key, faceflow's code included: a checkpoint of other code is never resumed.
     resume_key = cache_key("train_realnvp", {"batches": batches, "config": config, "seed": seed, "device": device})
-    resume_file = prefect_home() / "checkpoints" / f"{resume_key}.pt"
+    resume_file = checkpoint_folder() / f"{resume_key}.pt"
     with TrainingProgress(config.epochs) as progress:
         trained = train_flow(
             batches, config, seed, device=device, resume_file=resume_file, checkpoint_every=checkpoint_seconds(),
@@ -260,8 +260,11 @@ def report(run_folder: Path, inputs: ReportInputs) -> RunReport:
 
 
 @task(name="ingest_faces", cache_policy=NO_CACHE)
-def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
-    """Read, check and add a folder, .npz or .mat of faces to the face store; its dataset card in the UI."""
+def ingest_faces(path: Path, resize: bool, readmit: bool = False, asked_by: str = "user") -> dict[str, object]:
+    """Read, check and add a folder, .npz or .mat of faces to the face store; its dataset card in the UI.
+
+    An image of a forgotten person is refused naming the erasure, unless ``readmit`` (then logged).
+    """
     from prefect import get_run_logger
 
     from artifacts.dataset_card import card_markdown
@@ -270,14 +273,17 @@ def ingest_faces(path: Path, resize: bool) -> dict[str, object]:
     from tasks.importers import ingest, summary
 
     # A deployment's form may name only what is in the inbox; the CLI's user, whatever they can read.
-    ingested = ingest(path, resize, faces_dir(), data_file_from_environment(), inbox_dir() if from_deployment() else None)
+    ingested = ingest(path, resize, faces_dir(), data_file_from_environment(), inbox_dir() if from_deployment() else None,
+                      models=models_dir(), readmit=readmit, asked_by=asked_by)
     for note in ingested.notes:
         get_run_logger().info(note)
     done = summary(ingested)
     if done["version"] is not None:
-        publish_markdown("faceflow-faces", card_markdown(done["version"], done["previous"], ingested.people_counts,
+        version = done["version"]
+        # The version id in the description: a purge finds the card of a version it deletes by it (flows/forget.py).
+        publish_markdown("faceflow-faces", card_markdown(version, done["previous"], ingested.people_counts,
                                                           ingested.new_people, ingested.new_images, ingested.notes),
-                         f"Faces version {done['version']['number']}: people, images per person, what it added")
+                         f"Faces version {version['number']} ({version['id'][:12]}): people, images per person, what it added")
     return done
 
 
@@ -357,8 +363,14 @@ def roll_back_champion(to: str | None, who: str, why: str) -> tuple[Champion, di
 @task(name="promote_champion", cache_policy=NO_CACHE)
 def promote_champion(run_folder: Path, record: ChampionRecord, row: dict, models: Path, judged_against: str | None) -> Promotion:
     """Make the challenger the champion (its folder, the link, its leaderboard row and the Variable, as one
-    transaction) if the champion is still the one it was judged against (folder name); else ``moved_to`` names it."""
-    done = promote(run_folder, record, row, models, ChampionVariable(), judged_against=judged_against)
+    transaction) if the champion is still the one it was judged against (folder name) and it was not fitted
+    on a version whose person was since forgotten; else ``moved_to`` or ``refused`` says why not."""
+    from tasks.forgetting import retired_reason
+    from tasks.store import FaceStore
+
+    store = FaceStore(faces_dir())
+    done = promote(run_folder, record, row, models, ChampionVariable(), judged_against=judged_against,
+                   admit=lambda challenger: retired_reason(store, challenger.faces_version))
     if done.folder is not None:
         announce_champion(CHAMPION_PROMOTED, done.folder.name, record, str(row.get("why") or ""),
                           who=f"flow run {flow_run.name}" if flow_run.name else None)

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -165,6 +165,7 @@ class ForgetResult:
     forgotten_in: Version  # the version that forgot them (``version``, or an earlier one)
     images: int  # their images in the version before
     retired: tuple[str, ...]  # ids of every version that held one of their images
+    image_ids: tuple[str, ...] = ()  # the ids of their images (hashes, no pixels): what the erasure log keeps
 
 
 class FaceStore:
@@ -290,15 +291,19 @@ class FaceStore:
             assert result.version is not None  # an empty store takes every image
             return result.version
 
-    def add(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str]) -> AddResult:
+    def add(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str],
+            forgotten: Mapping[str, str] | None = None, readmit: bool = False) -> AddResult:
         """A new version = the latest + those of ``images`` the store does not hold; nothing when none is new.
 
         Every image and label is checked before anything is written: bad input leaves the store as it was.
+        ``forgotten`` maps the image ids of forgotten people to the erasure that forgot them: offering
+        one is refused naming it, unless ``readmit`` (the caller records the readmission).
         """
         with self.locked():
-            return self._add_locked(images, people, sources)
+            return self._add_locked(images, people, sources, forgotten or {}, readmit)
 
-    def _add_locked(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str]) -> AddResult:
+    def _add_locked(self, images: np.ndarray, people: Sequence[str], sources: Sequence[str],
+                    forgotten: Mapping[str, str] | None = None, readmit: bool = False) -> AddResult:
         if not (len(images) == len(people) == len(sources)):
             raise StoreError(f"{len(images)} images, {len(people)} people and {len(sources)} sources: one of each per image")
         if len(images) == 0:
@@ -321,6 +326,12 @@ class FaceStore:
             else:
                 seen.add(identity)
                 new.append(index)
+        forgotten = forgotten or {}
+        erased = [i for i in new if ids[i] in forgotten]
+        if erased and not readmit:
+            first = erased[0]
+            raise StoreError(f"image {first} ({sources[first]}): image {ids[first][:12]} was forgotten by {forgotten[ids[first]]} "
+                             f"({len(erased)} offered images were); --readmit adds them on purpose, recorded in the erasure log")
         if not new:
             return AddResult(None, previous, 0, duplicates, repeated, relabelled)
         number = (previous.number if previous else 0) + 1
@@ -364,7 +375,9 @@ class FaceStore:
             if not theirs:
                 earlier = [v for v in self.versions() if person in v.forgotten]
                 if earlier:
-                    return ForgetResult(person, None, earlier[-1], 0, earlier[-1].retired)
+                    still = [v for v in self.versions() if v.id in set(earlier[-1].retired)]
+                    ids = {row["image_id"] for v in still for row in self.manifest(v) if row["person"] == person}
+                    return ForgetResult(person, None, earlier[-1], 0, earlier[-1].retired, tuple(sorted(ids)))
                 people = sorted({row["person"] for row in rows})
                 shown = ", ".join(people[:8]) + (f" and {len(people) - 8} more" if len(people) > 8 else "")
                 raise StoreError(f"person {person!r} is not in faces version {latest.number} ({latest.short}); it holds {shown}")
@@ -373,7 +386,8 @@ class FaceStore:
                 raise StoreError(f"person {person!r} is everyone in faces version {latest.number}: forgetting them would leave no face")
             forgotten_ids = {row["image_id"] for row in theirs}
             retired = tuple(v.id for v in self.versions() if any(r["image_id"] in forgotten_ids for r in self.manifest(v)))
-            return ForgetResult(person, self._write_without(latest, kept, theirs, retired), latest, len(theirs), retired)
+            version = self._write_without(latest, kept, theirs, retired)
+            return ForgetResult(person, version, latest, len(theirs), retired, tuple(sorted(forgotten_ids)))
 
     def _write_without(self, latest: Version, kept: list[dict[str, str]], theirs: list[dict[str, str]],
                        retired: tuple[str, ...]) -> Version:

@@ -25,7 +25,7 @@ import torch
 from artifacts.run_folder import OutputFolderError, write_run_folder
 from commands.server import local_server
 from conftest import copy_home
-from support import LIGHT_OPTIONS, assert_no_process_left, faceflow, tagged_env, wait_for_text
+from support import LIGHT_OPTIONS, assert_no_process_left, faceflow, tagged_env
 from tasks.data import DataUnavailableError, load_faces
 from tasks.model import CheckpointError, ModelSpec, build_realnvp, checkpoint_payload, load_checkpoint, save_checkpoint
 

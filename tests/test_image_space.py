@@ -10,7 +10,6 @@ different PCAs, and noticing what the PCA cannot see.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from pathlib import Path
 

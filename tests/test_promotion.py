@@ -24,7 +24,7 @@ from conftest import copy_home
 from support import faceflow
 from tasks.champion import LEADERBOARD, PAUSE_AT_VARIABLE, PAUSE_VARIABLE, RECORD
 from tasks.registry import (
-    FAULT_VARIABLE, JOURNAL, LOCK, UNCHECKED, champions, check, current_folder, leaderboard, promote,
+    FAULT_VARIABLE, JOURNAL, LOCK, champions, check, current_folder, leaderboard, promote,
 )
 from test_registry import record, row, run_folder
 
