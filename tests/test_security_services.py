@@ -220,7 +220,7 @@ def test_a_tls_dask_scheduler_refuses_clients_without_a_certificate_and_runs_the
     """A scheduler and worker with certificates signed by the test's CA: the sweep's client (flows/sweep.py) gets in;
     one with no certificate, one with another CA's, and a plain tcp:// one do not."""
     from distributed import Client
-    from flows.sweep import dask_security
+    from flows.sweep import sweep_task_runner
 
     tls = make_tls_files(tmp_path / "tls")
     stranger = make_tls_files(tmp_path / "other-ca", names=("client",))
@@ -234,7 +234,8 @@ def test_a_tls_dask_scheduler_refuses_clients_without_a_certificate_and_runs_the
     try:
         for name, value in dask_tls_env(tls, "client").items():
             monkeypatch.setenv(name, value)
-        with Client(address, timeout=60, **dask_security(address)) as client:
+        runner = sweep_task_runner(address)  # the sweep's DaskTaskRunner: its client's arguments
+        with Client(address, timeout=60, **runner.client_kwargs) as client:
             client.wait_for_workers(1, timeout=120)
             assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
         # A client that trusts the CA (and so would talk TLS) but has no certificate, and one whose
