@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/faceflow run $(ARGS)
 
-# The Prefect UI on http://127.0.0.1:4200 (PORT=...) with both deployments and a worker; Ctrl-C stops it.
+# The Prefect UI on http://127.0.0.1:4200 (PORT=...; HOST=0.0.0.0 only with an auth string, docs/operations.md)
+# with the deployments and a worker; Ctrl-C stops it.
 PORT ?= 4200
+HOST ?= 127.0.0.1
 ui: $(STAMP)
-	$(BIN)/faceflow ui --port $(PORT)
+	$(BIN)/faceflow ui --host $(HOST) --port $(PORT)
 
 # Tests open the Prefect UI in Debian's Chromium (driven by Playwright) and run a Prefect
 # server on a throwaway PostgreSQL cluster (Debian's postgresql: initdb, pg_ctl); both are

@@ -24,8 +24,8 @@ from faceflow.config import RETRAIN_VALIDATION_FRACTION, FaceflowConfig
 from commands import signals
 from commands.server import ServerError, api_server
 from faceflow.settings import (
-    API_URL_VARIABLE, DATA_FILE_VARIABLE, SettingError, api_url_from_environment, data_file_from_environment, faces_dir,
-    lock_seconds, models_dir, prefect_home, redis_url, server_start_timeout,
+    API_URL_VARIABLE, AUTH_STRING_VARIABLE, DATA_FILE_VARIABLE, SettingError, api_url_from_environment, apply_auth_string,
+    data_file_from_environment, faces_dir, lock_seconds, models_dir, prefect_home, redis_url, server_start_timeout,
 )
 from tasks.olivetti import DataFileError, checked_faces_array
 
@@ -35,10 +35,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def _refuse_bad_lock_settings() -> None:
     # No docstring: it would replace the app's help. Before every command, so before any work:
-    # every command's flows take the cache's locks (FACEFLOW_REDIS_URL, FACEFLOW_LOCK_SECONDS).
+    # every command's flows take the cache's locks (FACEFLOW_REDIS_URL, FACEFLOW_LOCK_SECONDS), and
+    # send the server's auth string (PREFECT_API_AUTH_STRING, or FACEFLOW_AUTH_FILE's, put in the
+    # environment here for Prefect's client and every process started from here).
     try:
         redis_url()
         lock_seconds()
+        apply_auth_string()
     except SettingError as error:
         typer.echo(f"faceflow refused: {error}", err=True)
         raise typer.Exit(code=2) from None
@@ -275,13 +278,20 @@ app.command("show-config")(show_config)
 
 
 def ui(
-    port: Annotated[int, typer.Option(help="Port of the server and its UI on 127.0.0.1.", min=1, max=65535)] = 4200,
+    port: Annotated[int, typer.Option(help="Port of the server and its UI.", min=1, max=65535)] = 4200,
+    host: Annotated[str, typer.Option(help="Address the server listens on; beyond 127.0.0.1 only with an auth string "
+                                           "(PREFECT_API_AUTH_STRING or FACEFLOW_AUTH_FILE, docs/operations.md).")] = "127.0.0.1",
 ) -> None:
     """The Prefect UI with faceflow's deployments and a worker; Ctrl-C stops all of it."""
-    from commands.ui import UIError, serve_ui
+    from commands.ui import UIError, refuse_open_host, serve_ui
 
     try:
-        serve_ui(port, server_start_timeout())
+        refuse_open_host(host)
+    except SettingError as error:
+        typer.echo(f"faceflow ui refused: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        serve_ui(port, server_start_timeout(), host)
     except (ServerError, UIError, SettingError) as error:
         typer.echo(f"faceflow ui failed: {error}", err=True)
         raise typer.Exit(code=1) from None
@@ -495,7 +505,7 @@ app.command("score")(score)
 
 def sweep(
     spec: Annotated[Path, typer.Argument(help="A YAML or JSON sweep spec: base, grid and/or random (docs/sweeps.md).")],
-    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler, tcp://host:8786; default: a LocalCluster.")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="An existing Dask scheduler: tls://host:8786 with FACEFLOW_DASK_TLS_CA/CERT/KEY, tcp:// on this machine only; default: a LocalCluster.")] = None,
     workers: Annotated[int, typer.Option(help="LocalCluster worker processes (1 thread each).", min=1, max=256)] = os.cpu_count() or 1,
     promote: Annotated[bool, typer.Option(help="Offer the best configuration to the champion (validation log p).")] = False,
     margin: Annotated[float, typer.Option(help="Nats of validation log p a promotion needs.", min=0.0)] = 0.5,
@@ -508,6 +518,11 @@ def sweep(
         parsed = read_spec(spec)
         configurations = expand(parsed)
         start_timeout = server_start_timeout()
+        if dask_address:  # TLS files and the address's scheme, before any server or flow starts (flows/sweep.py)
+            from faceflow.settings import dask_address_problem, dask_tls
+
+            if problem := dask_address_problem(dask_address, dask_tls()):
+                raise SettingError(f"--dask-address {dask_address}: {problem}")
     except (SpecError, SettingError) as error:
         typer.echo(f"faceflow sweep refused: {error}", err=True)
         raise typer.Exit(code=2) from None
@@ -551,6 +566,7 @@ def ingest(
     from tasks.store import StoreError
 
     api_url = api_url_from_environment() or recorded_server(prefect_home())
+    _refuse_refused_credentials("ingest", api_url)
     try:
         if api_url is None:
             ingested = ingest_into(path, resize, faces_dir(), data_file_from_environment(), models=models_dir(),
@@ -637,6 +653,7 @@ def forget(
 
             refuse_unless_forgotten(models_dir(), person)  # before a server is started for nothing
         api_url = api_url_from_environment() or recorded_server(prefect_home())
+        _refuse_refused_credentials("forget", api_url)
         if api_url is None and not (purge or verify):
             done: dict[str, Any] = {"done": forget_here(person, purge, output_dirs)}
         else:
@@ -759,6 +776,29 @@ def faces(
 app.command("faces")(faces)
 
 
+def _refuse_refused_credentials(command: str, api_url: str | None) -> None:
+    """One line and status 1 when the server at ``api_url`` refuses this process's auth string (or asks for one)."""
+    from commands.server import check_credentials
+
+    if api_url is None:
+        return
+    try:
+        check_credentials(api_url)
+    except ServerError as error:
+        typer.echo(f"faceflow {command} failed: {error}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _is_unauthorized(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a 401 from the Prefect server."""
+    while error is not None:
+        response = getattr(error, "response", None)
+        if getattr(response, "status_code", None) == 401:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _refuse_unwritable(folder: Path) -> None:
     try:
         check_output_folder(folder, required_free_bytes=1 << 20)
@@ -775,6 +815,13 @@ def main() -> None:
         app()
     except SystemExit as finished:
         status = finished.code if isinstance(finished.code, int) else (0 if finished.code is None else 1)
+    except Exception as error:
+        if not _is_unauthorized(error):
+            raise
+        # The server refused the auth string mid-command (it changed, or a command took none): one line, no traceback.
+        print(f"faceflow failed: the Prefect server refused the request (401 Unauthorized): set {AUTH_STRING_VARIABLE} "
+              "(or FACEFLOW_AUTH_FILE) to the server's user:password", file=sys.stderr)
+        status = 1
     else:
         status = 0
     # Every command has flushed what must reach the API and stopped what it started by now.

@@ -29,7 +29,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from faceflow.settings import API_URL_VARIABLE, api_url_from_environment
+from faceflow.settings import (
+    API_URL_VARIABLE, AUTH_FILE_VARIABLE, AUTH_STRING_VARIABLE, CSRF_VARIABLE, SERVER_AUTH_STRING_VARIABLE,
+    api_url_from_environment, auth_string,
+)
 
 HOST = "127.0.0.1"
 SERVER_RECORD = "faceflow-server.json"  # in PREFECT_HOME, while `faceflow ui` runs a server there
@@ -45,6 +48,10 @@ class ServerError(RuntimeError):
     """A Prefect server could not be reached or started."""
 
 
+class CredentialsError(ServerError):
+    """The Prefect server refused this command's auth string, or asked for one it did not have."""
+
+
 @dataclass(frozen=True)
 class LocalServer:
     """A ``prefect server start`` child process serving one PREFECT_HOME on 127.0.0.1."""
@@ -54,24 +61,27 @@ class LocalServer:
     process: subprocess.Popen
     log_path: Path
     launched_at: float  # time.monotonic() at launch: readiness timeouts count from here
+    host: str = HOST  # the address it listens on
 
     @property
     def url(self) -> str:
-        return server_url(self.port)
+        return server_url(self.port, self.host)
 
     @property
     def api_url(self) -> str:
-        return api_url_for(self.port)
+        return api_url_for(self.port, self.host)
 
 
-def server_url(port: int) -> str:
-    """Where a server faceflow starts on ``port`` answers: its UI (when it has one)."""
-    return f"http://{HOST}:{port}"
+def server_url(port: int, host: str = HOST) -> str:
+    """Where a server faceflow starts on ``host`` and ``port`` answers from this machine: its UI (when it has one)."""
+    if host in ("0.0.0.0", "::", ""):  # every interface: this machine reaches it on loopback
+        host = HOST
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def api_url_for(port: int) -> str:
-    """The API of the server faceflow starts on ``port``."""
-    return f"{server_url(port)}/api"
+def api_url_for(port: int, host: str = HOST) -> str:
+    """The API of the server faceflow starts on ``host`` and ``port``."""
+    return f"{server_url(port, host)}/api"
 
 
 def free_port() -> int:
@@ -95,15 +105,52 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def check_credentials(api_url: str, timeout: float = 10.0) -> None:
+    """Raise CredentialsError, one line naming PREFECT_API_AUTH_STRING, if the server refuses this process's auth string.
+
+    An authenticated read (the server's version): the health route answers without credentials.
+    """
+    import base64
+
+    request = urllib.request.Request(f"{api_url.rstrip('/')}/admin/version")
+    secret = auth_string()
+    if secret is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(secret.encode()).decode())
+    try:
+        with _DIRECT.open(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code != 401:
+            raise ServerError(f"the Prefect server at {api_url} answered {error.code} to an authenticated read") from None
+    except (OSError, ValueError) as error:
+        raise ServerError(f"the Prefect server at {api_url} does not answer ({error})") from None
+    said = "refused the auth string given" if secret is not None else "requires an auth string, and none is set"
+    raise CredentialsError(f"the Prefect server at {api_url} {said}: set {AUTH_STRING_VARIABLE} (or {AUTH_FILE_VARIABLE}, "
+                           "a file holding it) to the server's user:password")
+
+
+def server_auth_env() -> dict[str, str]:
+    """What a server faceflow starts needs to require this process's auth string, with CSRF protection; {} without one."""
+    secret = auth_string()
+    if secret is None:
+        return {}
+    return {SERVER_AUTH_STRING_VARIABLE: secret, CSRF_VARIABLE: "true"}
+
+
 def tethered(command: list[str]) -> list[str]:
     """``command`` run through commands.tether: the kernel stops it when this process dies."""
     return [sys.executable, "-m", "commands.tether", str(os.getpid()), *command]
 
 
-def start_server(home: Path, port: int | None = None, ui: bool = False) -> LocalServer:
-    """Launch ``prefect server start`` for ``home``; returns at once (see ``wait_until_ready``)."""
+def start_server(home: Path, port: int | None = None, ui: bool = False, host: str = HOST) -> LocalServer:
+    """Launch ``prefect server start`` for ``home`` on ``host``; returns at once (see ``wait_until_ready``).
+
+    With an auth string (PREFECT_API_AUTH_STRING or FACEFLOW_AUTH_FILE) the server requires it on
+    every route but its health check, and checks CSRF tokens; the caller refuses a ``host``
+    beyond loopback without one (commands/ui.py).
+    """
     port = port or free_port()
-    api_url = api_url_for(port)
+    api_url = api_url_for(port, host)
     logs = home / LOG_FOLDER
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / (f"ui-{port}.log" if ui else f"run-{os.getpid()}-{port}.log")
@@ -114,15 +161,17 @@ def start_server(home: Path, port: int | None = None, ui: bool = False) -> Local
         # The UI's pages call the API at this address; Prefect's default is port 4200.
         "PREFECT_UI_API_URL": api_url,
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-    }
+    } | server_auth_env()
+    if os.environ.get("PREFECT_UI_API_URL") and host not in (HOST, "localhost"):
+        env["PREFECT_UI_API_URL"] = os.environ["PREFECT_UI_API_URL"]  # the address other machines' browsers use
     env.pop(API_URL_VARIABLE, None)
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             tethered(command), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # the terminal's Ctrl-C reaches us, and we stop it in order
         )
-    return LocalServer(home, port, process, log_path, time.monotonic())
+    return LocalServer(home, port, process, log_path, time.monotonic(), host)
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -169,9 +218,10 @@ def stop_server(server: LocalServer, grace: float = 20.0) -> None:
 
 
 @contextmanager
-def local_server(home: Path, timeout: float, port: int | None = None, ui: bool = False) -> Iterator[LocalServer]:
+def local_server(home: Path, timeout: float, port: int | None = None, ui: bool = False,
+                 host: str = HOST) -> Iterator[LocalServer]:
     """A started and ready server for ``home``, stopped when the block ends however it ends."""
-    server = start_server(home, port, ui)
+    server = start_server(home, port, ui, host)
     try:
         wait_until_ready(server, timeout)
         yield server
@@ -216,6 +266,7 @@ class ApiServer:
             wait_until_ready(self.started, timeout)
         elif not is_healthy(self.api_url, timeout=10.0):
             raise ServerError(f"the Prefect server at {API_URL_VARIABLE}={self.api_url} does not answer")
+        check_credentials(self.api_url)  # a wrong or missing auth string: one line, before any flow run
 
 
 @contextmanager

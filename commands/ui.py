@@ -31,11 +31,11 @@ import psutil
 
 from commands.alerts import HEARTBEATS_BEFORE_CRASHED
 from commands.server import (
-    LocalServer, ServerError, is_healthy, local_server, recorded_server, remove_record, tethered, write_record,
+    HOST, LocalServer, ServerError, check_credentials, is_healthy, local_server, recorded_server, remove_record, tethered, write_record,
 )
 from faceflow.settings import (
-    ALERT_BLOCK_VARIABLE, API_URL_VARIABLE, DATA_FILE_VARIABLE, HEARTBEAT_VARIABLES, alert_block, api_url_from_environment,
-    heartbeat_seconds, prefect_home,
+    ALERT_BLOCK_VARIABLE, API_URL_VARIABLE, AUTH_FILE_VARIABLE, AUTH_STRING_VARIABLE, DATA_FILE_VARIABLE, HEARTBEAT_VARIABLES,
+    SettingError, alert_block, api_url_from_environment, apply_auth_string, heartbeat_seconds, is_loopback, prefect_home,
 )
 from commands.tether import become_subreaper
 
@@ -387,24 +387,34 @@ def set_up_alerts(block_id, ui_url: str) -> bool:
     return notifying
 
 
-def serve_ui(port: int, start_timeout: float) -> None:
+def refuse_open_host(host: str) -> None:
+    """SettingError for a ``host`` beyond loopback while no auth string is set (or a malformed one)."""
+    if apply_auth_string() is None and not is_loopback(host):
+        raise SettingError(f"--host {host} lets other machines reach the server, which would then run any code and show "
+                           f"every face to whoever asks: set {AUTH_STRING_VARIABLE} or {AUTH_FILE_VARIABLE} (user:password) "
+                           f"first, or serve on {HOST}")
+
+
+def serve_ui(port: int, start_timeout: float, host: str = HOST) -> None:
     """Bring the UI up, print where it is, and keep it up until interrupted; stops everything on the way out."""
+    refuse_open_host(host)  # before anything starts
+    heartbeat_seconds(), alert_block()  # a malformed setting stops here, before anything starts
     become_subreaper()
     stop_on_the_first_signal()
     home = prefect_home()
-    heartbeat_seconds(), alert_block()  # a malformed setting stops here, before anything starts
     with ExitStack() as stack:
         server: LocalServer | None = None
         api_url = api_url_from_environment()
         if api_url is not None:
             if not is_healthy(api_url, timeout=10.0):
                 raise ServerError(f"the Prefect server at {API_URL_VARIABLE}={api_url} does not answer")
+            check_credentials(api_url)
             ui_url = api_url.removesuffix("/api")
         else:
             if (running := recorded_server(home)) is not None:
                 raise UIError(f"faceflow ui already runs a server for PREFECT_HOME={home} at {running}")
             print(f"starting the Prefect server for PREFECT_HOME={home} ...", flush=True)
-            server = stack.enter_context(local_server(home, start_timeout, port=port, ui=True))
+            server = stack.enter_context(local_server(home, start_timeout, port=port, ui=True, host=host))
             write_record(home, server)
             stack.callback(remove_record, home)
             api_url, ui_url = server.api_url, server.url

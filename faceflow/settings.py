@@ -118,7 +118,7 @@ def redis_url() -> str | None:
     value = os.environ.get(REDIS_URL_VARIABLE, "").strip()
     if not value:
         return None
-    problem = _redis_url_problem(value)
+    problem = _redis_url_problem(value) or redis_credentials_problem(value)
     if problem:
         raise SettingError(f"{REDIS_URL_VARIABLE}={_without_password(value)!r}: {problem}; expected {REDIS_URL_FORM}")
     return value
@@ -181,3 +181,112 @@ def heartbeat_seconds() -> int:
                 raise SettingError(f"{variable}={value!r}: expected a whole number of seconds >= {MINIMUM_HEARTBEAT_SECONDS}")
             return int(value)
     return MINIMUM_HEARTBEAT_SECONDS
+
+
+# The Prefect server's basic auth (docs/operations.md, Security). Prefect's own settings: the server
+# requires PREFECT_SERVER_API_AUTH_STRING, every client sends PREFECT_API_AUTH_STRING. faceflow reads
+# the string from PREFECT_API_AUTH_STRING or from the file FACEFLOW_AUTH_FILE names, and never prints it.
+AUTH_STRING_VARIABLE = "PREFECT_API_AUTH_STRING"
+SERVER_AUTH_STRING_VARIABLE = "PREFECT_SERVER_API_AUTH_STRING"
+AUTH_FILE_VARIABLE = "FACEFLOW_AUTH_FILE"
+CSRF_VARIABLE = "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"
+AUTH_STRING_FORM = "user:password, each part printable with no spaces, the password at least 12 characters"
+MINIMUM_PASSWORD_LENGTH = 12
+DASK_TLS_VARIABLES = ("FACEFLOW_DASK_TLS_CA", "FACEFLOW_DASK_TLS_CERT", "FACEFLOW_DASK_TLS_KEY")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` names this machine only: localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_string() -> str | None:
+    """The Prefect server's auth string, from PREFECT_API_AUTH_STRING or FACEFLOW_AUTH_FILE; None if neither is set.
+
+    A malformed string (or an unreadable file) raises SettingError naming where it came from,
+    never the string itself.
+    """
+    value = os.environ.get(AUTH_STRING_VARIABLE, "")
+    source = AUTH_STRING_VARIABLE
+    path = os.environ.get(AUTH_FILE_VARIABLE, "").strip()
+    if not value.strip() and path:
+        source = f"the file {AUTH_FILE_VARIABLE}={path}"
+        try:
+            mode = Path(path).stat().st_mode
+            value = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SettingError(f"{AUTH_FILE_VARIABLE}={path}: cannot be read ({type(error).__name__}: "
+                               f"{getattr(error, 'strerror', None) or 'not text'})") from None
+        if mode & 0o077:
+            raise SettingError(f"{AUTH_FILE_VARIABLE}={path}: others can read it (mode {mode & 0o777:o}); "
+                               f"`chmod 600 {path}` first")
+    elif not value.strip():
+        return None
+    user, colon, password = value.partition(":")
+    if (not colon or not user or not password or not value.isprintable() or any(c.isspace() for c in value)
+            or len(password) < MINIMUM_PASSWORD_LENGTH):
+        raise SettingError(f"{source}: the auth string is malformed (not shown); expected {AUTH_STRING_FORM}")
+    return value
+
+
+def apply_auth_string() -> str | None:
+    """Check the auth string and put it where Prefect's client, and every process started from here, reads it."""
+    value = auth_string()
+    if value is not None:
+        os.environ[AUTH_STRING_VARIABLE] = value
+    return value
+
+
+def redis_credentials_problem(value: str) -> str | None:
+    """Why a checked Redis URL may not be used as it is: a host beyond this machine with no password."""
+    parts = urlsplit(value)
+    if not is_loopback(parts.hostname) and not parts.password:
+        return (f"{parts.hostname} is not this machine, and the URL has no password: anyone who reaches it could "
+                "stall every cached step; give redis://user:password@host or redis://:password@host (rediss:// for TLS)")
+    return None
+
+
+def dask_tls() -> dict[str, str] | None:
+    """The Dask TLS files {"ca", "cert", "key"} from FACEFLOW_DASK_TLS_CA/CERT/KEY, each readable; None if none is set."""
+    values = {variable: os.environ.get(variable, "").strip() for variable in DASK_TLS_VARIABLES}
+    if not any(values.values()):
+        return None
+    missing = [variable for variable, value in values.items() if not value]
+    if missing:
+        raise SettingError(f"{', '.join(missing)} not set: Dask's TLS needs all of {', '.join(DASK_TLS_VARIABLES)} "
+                           "(the CA's certificate, this machine's certificate and its key, PEM files)")
+    for variable, value in values.items():
+        try:
+            with open(value, "rb") as file:
+                start = file.read(64)
+        except OSError as error:
+            raise SettingError(f"{variable}={value}: cannot be read ({error.strerror})") from None
+        if b"-----BEGIN" not in start:
+            raise SettingError(f"{variable}={value}: not a PEM file (no -----BEGIN line)")
+    return dict(zip(("ca", "cert", "key"), values.values()))
+
+
+def dask_address_problem(address: str, tls: dict[str, str] | None) -> str | None:
+    """Why a sweep may not connect to the Dask scheduler at ``address`` with these TLS files, or None."""
+    scheme, found, rest = address.partition("://")
+    if not found:
+        scheme, rest = "tcp", address
+    host = urlsplit(f"//{rest}").hostname
+    if tls is not None and scheme != "tls":
+        return f"{DASK_TLS_VARIABLES[0]} and the others are set: give the scheduler as tls://host:port"
+    if tls is None and scheme == "tls":
+        return f"a tls:// scheduler needs {', '.join(DASK_TLS_VARIABLES)} set"
+    if tls is None and not is_loopback(host):
+        return (f"{host} is not this machine: a Dask scheduler beyond it must use TLS (tls://host:port, with "
+                f"{', '.join(DASK_TLS_VARIABLES)}); without it anyone who reaches it runs code on every worker")
+    return None

@@ -60,7 +60,7 @@ def _leaderboard_row(source: str, seed: int, result: PipelineResult | None, erro
     return {
         "time": now_utc(), "challenger": source, "seed": seed, "faces version": version,
         "validation log p": metrics.get("validation_log_prob"), "held-out log p": metrics.get("heldout_log_prob"),
-        "promoted": False, "why": error or "", "run folder": str(result.report.folder) if result else None,
+        "promoted": False, "why": error or "", "run folder": str(result.report.folder) if result else None, "flow run": str(flow_run.id),
     }
 
 

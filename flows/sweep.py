@@ -28,6 +28,7 @@ from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
 from faceflow.confinement import check_form_paths
 from faceflow.serializer import RESULTS, allow_stored
+from faceflow.settings import SettingError, dask_address_problem, dask_tls
 from faceflow.sweeps import SweepSpec, expand
 from flows.retrain import RetrainResult, challenge
 from tasks.data import resolve_data_file
@@ -45,14 +46,34 @@ WORKER_SETTINGS = {
 }
 
 
+def dask_security(address: str) -> dict[str, Any]:
+    """The Dask client's keyword arguments for the scheduler at ``address``: dask's own ``Security`` with TLS when
+    FACEFLOW_DASK_TLS_CA/CERT/KEY are set; SettingError for missing or unreadable files, or an address that does not fit.
+
+    A scheduler started with ``--tls-ca-file/--tls-cert/--tls-key`` requires a certificate its CA
+    signed from every client and worker (docs/operations.md, Security).
+    """
+    from distributed.security import Security
+
+    tls = dask_tls()
+    problem = dask_address_problem(address, tls)
+    if problem:
+        raise SettingError(f"--dask-address {address}: {problem}")
+    if tls is None:
+        return {}
+    return {"security": Security(tls_ca_file=tls["ca"], tls_client_cert=tls["cert"], tls_client_key=tls["key"],
+                                 require_encryption=True)}
+
+
 def sweep_task_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
-    """prefect-dask's runner: an existing scheduler at ``address``, else a LocalCluster of 1-thread worker processes.
+    """prefect-dask's runner: an existing scheduler at ``address`` (over TLS when configured, ``dask_security``),
+    else a LocalCluster of 1-thread worker processes on loopback.
 
     A LocalCluster starts at the first configuration sent to it and is closed when the flow ends.
     """
     dask.config.set(WORKER_SETTINGS)
     if address:
-        return DaskTaskRunner(address=address)
+        return DaskTaskRunner(address=address, client_kwargs=dask_security(address))
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         # Any free port (a fixed one would collide with a second sweep), on loopback: ":0" listened

@@ -1,4 +1,5 @@
-"""Real services for tests, started and stopped by the test that needs them: a Redis server, a PostgreSQL cluster."""
+"""Real services for tests, started and stopped by the test that needs them: a Redis server, a PostgreSQL cluster,
+and the TLS files a Dask scheduler and its clients use."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ class RedisServer:
 
     ``start()`` returns once it answers PING; ``stop()`` sends SIGTERM and waits for it to exit
     (SIGTERM, not SIGINT: a process started from a script's background job ignores SIGINT).
-    ``env`` is its environment (default: this process's), e.g. a test's tagged one.
+    ``env`` is its environment (default: this process's), e.g. a test's tagged one; with
+    ``password`` it requires it (``requirepass``) and ``url`` carries it.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(self, env: dict[str, str] | None = None, start_timeout: float = 30.0, password: str | None = None) -> None:
         self.env = env
+        self.password = password
         self.start_timeout = start_timeout
         self.port = 0
         self.folder: Path | None = None
@@ -34,8 +37,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """redis://127.0.0.1:<port>/0 (a database number may be appended in place of /0 by the caller)."""
-        return f"redis://{HOST}:{self.port}/0"
+        """redis://[:password@]127.0.0.1:<port>/0 (a database number may be appended in place of /0 by the caller)."""
+        return f"redis://{':' + self.password + '@' if self.password else ''}{HOST}:{self.port}/0"
 
     def start(self) -> RedisServer:
         executable = shutil.which("redis-server")
@@ -46,7 +49,7 @@ class RedisServer:
         with (self.folder / "redis.log").open("wb") as log:
             self.process = subprocess.Popen(
                 [executable, "--bind", HOST, "--port", str(self.port), "--dir", str(self.folder), "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
+                 "--appendonly", "no", "--daemonize", "no", *(["--requirepass", self.password] if self.password else [])],
                 env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         try:
@@ -66,9 +69,13 @@ class RedisServer:
             time.sleep(0.05)  # poll interval of the bounded wait for PONG
 
     def answers_ping(self) -> bool:
-        """Whether the server answers PING with PONG (RESP, over a plain socket)."""
+        """Whether the server answers PING with PONG (RESP, over a plain socket; authenticated first with a password)."""
         try:
             with socket.create_connection((HOST, self.port), timeout=1.0) as connection:
+                if self.password:
+                    connection.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not connection.recv(64).startswith(b"+OK"):
+                        return False
                 connection.sendall(b"PING\r\n")
                 return connection.recv(64).startswith(b"+PONG")
         except OSError:
@@ -144,3 +151,60 @@ class Cluster:
     @property
     def url(self) -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
+
+
+def make_tls_files(folder: Path, names: tuple[str, ...] = ("scheduler", "worker", "client")) -> dict[str, Path]:
+    """A certificate authority and, for each of ``names``, a certificate it signed for 127.0.0.1 and its key (PEM).
+
+    Returns {"ca": ca.pem, "<name>-cert": ..., "<name>-key": ...}; keys are readable by their owner only.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, authority: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=authority, path_length=None), critical=True))
+        if not authority:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(path: Path, data: bytes, private: bool = False) -> Path:
+        path.write_bytes(data)
+        if private:
+            path.chmod(0o600)
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("faceflow test CA", ca_key, "faceflow test CA", ca_key, authority=True)
+    files = {"ca": write(folder / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[f"{name}-cert"] = write(folder / f"{name}.pem", certificate(name, key, "faceflow test CA", ca_key, False)
+                                      .public_bytes(serialization.Encoding.PEM))
+        files[f"{name}-key"] = write(folder / f"{name}.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), private=True)
+    return files
+
+
+def dask_tls_arguments(files: dict[str, Path], name: str) -> list[str]:
+    """``dask scheduler``/``dask worker`` options for TLS with ``name``'s certificate (docs/operations.md)."""
+    return ["--tls-ca-file", str(files["ca"]), "--tls-cert", str(files[f"{name}-cert"]), "--tls-key", str(files[f"{name}-key"])]
+
+
+def dask_tls_env(files: dict[str, Path], name: str) -> dict[str, str]:
+    """FACEFLOW_DASK_TLS_CA/CERT/KEY for ``name``'s certificate."""
+    return {"FACEFLOW_DASK_TLS_CA": str(files["ca"]), "FACEFLOW_DASK_TLS_CERT": str(files[f"{name}-cert"]),
+            "FACEFLOW_DASK_TLS_KEY": str(files[f"{name}-key"])}
