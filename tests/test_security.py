@@ -76,6 +76,10 @@ def _champion(models: Path, files: dict[str, bytes]) -> Path:
     folder.mkdir(parents=True)
     for name, content in files.items():
         (folder / name).write_bytes(content)
+    from tasks.champion import RECORD, ChampionRecord
+
+    record = ChampionRecord(str(folder), "test", 0, "test", 0.0, 0.0, "2026-12-06T00:00:00+00:00", {})
+    (folder / RECORD).write_text(json.dumps(record.to_json()))  # a champion folder holds its record
     (models / "champion").symlink_to(folder.name)
     return folder
 
@@ -103,7 +107,7 @@ def test_a_champion_pca_that_is_a_pickle_is_refused_naming_the_file_and_runs_not
         refused = _cli(*command, env=env, cwd=tmp_path)
         assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
         lines = refused.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"{tmp_path / 'models' / 'champion'}/{message}" in lines[0], refused.stderr
+        assert len(lines) == 1 and f"{folder}/{message}" in lines[0]  # the resolved folder, refused.stderr
         assert not marker.exists()
     assert not (tmp_path / "after").exists()
 
