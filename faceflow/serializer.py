@@ -32,35 +32,13 @@ from prefect.serializers import Serializer
 from pydantic import BaseModel
 
 from faceflow.arrays import ArchiveError, npz_bytes, read_npz
+from faceflow.stored_types import _ALLOWED, StoredFailure, StoredResultError, _name, allow_stored  # noqa: F401 (re-exported)
 
 SERIALIZER_TYPE = "faceflow-arrays"
 # The largest result read back: a cached step of 40,000 faces holds their images (650 MB) and more.
 MAX_RESULT_BYTES = 8 * 2**30
 
 NEVER_SAVED_ID = uuid.uuid5(uuid.NAMESPACE_URL, "faceflow:verified-results")
-
-_ALLOWED: dict[str, type] = {}
-
-
-class StoredResultError(ValueError):
-    """A stored result that is not one faceflow wrote; the message names the file or what is wrong."""
-
-
-class StoredFailure(RuntimeError):
-    """A failed step's exception as read back from storage: its type's name and message, not the object."""
-
-
-def allow_stored(*classes: type) -> None:
-    """Let results of these dataclasses or pydantic models be stored and read back (by their qualified names)."""
-    for cls in classes:
-        if not (dataclasses.is_dataclass(cls) or issubclass(cls, BaseModel)):
-            raise TypeError(f"{cls.__qualname__}: only dataclasses and pydantic models are stored")
-        _ALLOWED[_name(cls)] = cls
-
-
-def _name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
 
 class ArraysSerializer(Serializer):
     """Results as an .npz of arrays plus ``tree.json``; reading builds only registered types, from plain values."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from faceflow.config import FaceflowConfig
-from faceflow.serializer import allow_stored
+from faceflow.stored_types import allow_stored
 
 
 @dataclass(frozen=True)
