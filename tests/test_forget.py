@@ -164,7 +164,7 @@ def wait_until(condition, timeout: float, what: str):  # type: ignore[no-untyped
     while time.monotonic() < deadline:
         if found := condition():
             return found
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll interval of this bounded wait (timeout above)
     raise AssertionError(f"{what}: not within {timeout} s")
 
 

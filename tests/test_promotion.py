@@ -64,7 +64,7 @@ def wait_until(condition, what: str, *processes: subprocess.Popen, timeout: floa
             if process.poll() is not None:
                 raise AssertionError(f"process {process.pid} exited with {process.returncode} before {what}: "
                                      f"{_tail(process)}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval of this bounded wait; a process that exits ends it early
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -260,7 +260,7 @@ def two_retrainings(tmp_path_factory: pytest.TempPathFactory, server, data_file:
             if reached(pauses, "judged", second):
                 judgings += 1
                 release(pauses, "judged", second)
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval: the loop ends when the second process exits (bounded by its own timeout)
         return {"models": models, "first": first_result, "second": finished(second), "first_folder": first_folder,
                 "judgings": judgings, "root": root}
     finally:
