@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
 
@@ -45,17 +46,25 @@ def tagged_env(tag: str, home: Path, **extra: str) -> dict[str, str]:
     """An environment whose processes (and everything they start) carry ``tag``, with its own PREFECT_HOME."""
     env = os.environ | {TAG_VARIABLE: tag, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    for variable in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):  # a test's `make` runs as a user's, not as
+        env.pop(variable, None)  # a sub-make of `make test` (which prints "make[1]:" and passes its jobserver on)
     return env | extra
 
 
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    """Every live process whose environment carries ``tag``: children inherit it even once orphaned."""
+def tagged_processes(tag: str, running: Callable[[list[str]], bool] | None = None) -> list[psutil.Process]:
+    """Every live process whose environment carries ``tag``: children inherit it even once orphaned.
+
+    ``running``, when given, keeps those whose command line it accepts. A process may exit (or turn zombie)
+    between any two reads, so every read is guarded: a process gone meanwhile is simply not listed.
+    """
     found = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get(TAG_VARIABLE) == tag and process.status() != psutil.STATUS_ZOMBIE:
+            if process.environ().get(TAG_VARIABLE) != tag or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if running is None or running(process.cmdline()):
                 found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
             continue
     return found
 

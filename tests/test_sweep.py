@@ -33,7 +33,7 @@ def spec_file(folder: Path, outputs: Path, rates: list[float]) -> Path:
 
 def dask_workers(tag: str) -> list[psutil.Process]:
     """The LocalCluster's worker processes (spawned by multiprocessing), among this test's processes."""
-    return [p for p in tagged_processes(tag) if "multiprocessing" in " ".join(p.cmdline())]
+    return tagged_processes(tag, lambda command: "multiprocessing" in " ".join(command))
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def state_time(api_url: str, flow_run_id: UUID) -> float:
 
 def workers(tag: str) -> list[psutil.Process]:
     """The live `prefect worker start` processes carrying ``tag``."""
-    return [p for p in tagged_processes(tag) if p.cmdline()[2:5] == ["prefect", "worker", "start"]]
+    return tagged_processes(tag, lambda command: command[2:5] == ["prefect", "worker", "start"])
 
 
 def kill_worker_and_its_flow_runs(tag: str) -> int:
@@ -258,7 +258,7 @@ def test_a_second_make_ui_for_the_same_home_is_refused(tmp_path: Path, tag: str,
     )
     assert missing.returncode == 1, missing.stderr[-3000:]
     assert "FACEFLOW_ALERT_BLOCK=custom-webhook/no-such-block" in missing.stderr and "faceflow UI:" not in missing.stdout
-    assert len([p for p in tagged_processes(tag) if "prefect" in " ".join(p.cmdline()) and "server" in p.cmdline()]) == 1
+    assert len(tagged_processes(tag, lambda command: "prefect" in " ".join(command) and "server" in command)) == 1
     ui.ctrl_c()
     assert_no_process_left(tag)
 
