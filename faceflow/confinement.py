@@ -4,7 +4,9 @@ Anyone who can fill in a deployment's form in the UI chooses what a worker reads
 writes, with the worker's rights: the ingest deployment reads only under FACEFLOW_INBOX_DIR, a
 form's ``data.data_file`` is FACEFLOW_DATA_FILE or a file in the inbox, and its ``output_dir``
 lies under FACEFLOW_OUTPUTS_DIR. A path is resolved with its symlinks before it is compared, so
-a link that leads out of the folder is refused too.
+a link that leads out of the folder is refused too. A relative ``output_dir`` is taken inside
+FACEFLOW_OUTPUTS_DIR, and the form's default is that folder itself, so scheduled runs of a
+machine whose outputs live elsewhere are not refused.
 
 The CLI is not confined: `faceflow ingest ~/photos` reads what its user can read already. A
 flow run is confined when a deployment started it (``prefect.runtime.deployment.id``), which a
@@ -20,6 +22,9 @@ from faceflow.config import FaceflowConfig
 from faceflow.settings import (
     DATA_FILE_VARIABLE, INBOX_DIR_VARIABLE, OUTPUTS_DIR_VARIABLE, data_file_from_environment, inbox_dir, outputs_dir,
 )
+
+
+DEFAULT_OUTPUT_DIR = FaceflowConfig.model_fields["output_dir"].default  # outputs: in a deployment, FACEFLOW_OUTPUTS_DIR
 
 
 class ConfinementError(ValueError):
@@ -55,13 +60,28 @@ def _is_link_on_the_way(path: Path) -> bool:
     return any(part.is_symlink() for part in (path, *path.parents))
 
 
-def check_form_paths(configs: Iterable[FaceflowConfig]) -> None:
-    """In a flow run a deployment started: each config's output_dir and data file inside their folders."""
+def confine_forms(configs: Iterable[FaceflowConfig]) -> list[FaceflowConfig]:
+    """The configs as a run should use them; in a flow run a deployment started, their paths checked first.
+
+    From a deployment, ``output_dir`` is taken inside FACEFLOW_OUTPUTS_DIR: the form's default
+    (``outputs``) is that folder itself, another relative path a folder inside it, and an absolute
+    path must lie in it; the config returned names the folder resolved. The data file must be
+    FACEFLOW_DATA_FILE or lie in the inbox. Anywhere else (the CLI) the configs are returned as given.
+    """
+    configs = list(configs)
     if not from_deployment():
-        return
-    for config in configs:
-        confined(config.output_dir, outputs_dir(), "output_dir", OUTPUTS_DIR_VARIABLE)
-        data_file = config.data.data_file
-        allowed = data_file_from_environment()
-        if data_file is not None and not (allowed is not None and Path(data_file).resolve() == allowed.resolve()):
-            confined(data_file, inbox_dir(), "data.data_file", f"{INBOX_DIR_VARIABLE} (or {DATA_FILE_VARIABLE} itself)")
+        return configs
+    return [_confined_form(config) for config in configs]
+
+
+def _confined_form(config: FaceflowConfig) -> FaceflowConfig:
+    folder = outputs_dir()
+    output_dir = Path(config.output_dir).expanduser()
+    if output_dir == DEFAULT_OUTPUT_DIR:
+        output_dir = folder
+    output_dir = confined(output_dir, folder, "output_dir", OUTPUTS_DIR_VARIABLE, relative_to=folder)
+    data_file = config.data.data_file
+    allowed = data_file_from_environment()
+    if data_file is not None and not (allowed is not None and Path(data_file).resolve() == allowed.resolve()):
+        confined(data_file, inbox_dir(), "data.data_file", f"{INBOX_DIR_VARIABLE} (or {DATA_FILE_VARIABLE} itself)")
+    return config.model_copy(update={"output_dir": output_dir})

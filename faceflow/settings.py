@@ -172,7 +172,7 @@ def heartbeat_seconds() -> int:
     """Seconds between flow run heartbeats for `faceflow ui`'s worker: PREFECT_FLOWS_HEARTBEAT_FREQUENCY, default 30.
 
     Prefect's own default is 180 s and its minimum 30 s; the crash automation (commands/alerts.py)
-    waits two heartbeats, so a shorter heartbeat marks a dead run Crashed sooner.
+    waits three heartbeat intervals, so a shorter heartbeat marks a dead run Crashed sooner.
     """
     for variable in HEARTBEAT_VARIABLES:
         value = os.environ.get(variable, "").strip()

@@ -12,7 +12,7 @@ from artifacts.run_folder import check_output_folder, run_folder_problems
 from faceflow.caching import version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
-from faceflow.confinement import check_form_paths
+from faceflow.confinement import confine_forms
 from faceflow.keys import content_key, project_source_digest
 from faceflow.serializer import RESULTS, allow_stored
 from faceflow.settings import models_dir
@@ -62,7 +62,7 @@ allow_stored(PipelineResult, FaceflowConfig)  # its persisted result is read bac
 def faceflow_pipeline(config: FaceflowConfig = FaceflowConfig()) -> PipelineResult:
     """Learn a RealNVP on PCA-reduced faces of a face store version, then sample, score, interpolate and report."""
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
-    check_form_paths([config])  # from a deployment: output_dir and the data file inside their folders
+    (config,) = confine_forms([config])  # from a deployment: output_dir and the data file inside their folders
     device = resolve_device(config.train.device)  # a missing CUDA device fails here, before any work
     data_file = resolve_data_file(config.data)
     check_output_folder(config.output_dir)

@@ -17,7 +17,7 @@ from pydantic import Field
 from artifacts.publish import publish_markdown
 from artifacts.rankings import leaderboard_markdown
 from faceflow.interrupts import defer_during_imports
-from faceflow.confinement import check_form_paths
+from faceflow.confinement import confine_forms
 from faceflow.config import RETRAIN_VALIDATION_FRACTION, DataConfig, FaceflowConfig
 from faceflow.keys import content_key
 from faceflow.serializer import RESULTS, allow_stored
@@ -76,7 +76,7 @@ def faceflow_retrain(
 ) -> RetrainResult:
     """Train a challenger with a seed from the scheduled time; promote it only on validation log p."""
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
-    check_form_paths([config])  # from a deployment: output_dir and the data file inside their folders
+    (config,) = confine_forms([config])  # from a deployment: output_dir and the data file inside their folders
     scheduled = flow_run.scheduled_start_time or datetime.datetime.now(datetime.timezone.utc)
     seed = seed_for(scheduled, str(flow_run.id))
     return challenge(config, promotion_margin, seed, source=f"scheduled {scheduled.isoformat(timespec='seconds')}")

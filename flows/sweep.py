@@ -26,7 +26,7 @@ from artifacts.rankings import sweep_markdown
 from faceflow.caching import is_cached, version_tag
 from faceflow.interrupts import defer_during_imports
 from faceflow.config import FaceflowConfig
-from faceflow.confinement import check_form_paths
+from faceflow.confinement import confine_forms
 from faceflow.serializer import RESULTS, allow_stored
 from faceflow.settings import SettingError, dask_address_problem, dask_tls
 from faceflow.sweeps import SweepSpec, expand
@@ -214,7 +214,8 @@ def faces_sweep(
     defer_during_imports()  # a Ctrl-C or SIGTERM mid-import is taken after it (faceflow.interrupts)
     logger = get_run_logger()
     configs = expand(spec)
-    check_form_paths(config for _, config in configs)  # from a deployment: output_dir and data file inside their folders
+    confined = confine_forms(config for _, config in configs)  # from a deployment: output_dir and data file inside their folders
+    configs = [(values, config) for (values, _), config in zip(configs, confined, strict=True)]
     steps = _Executions()
     prepared = _shared_upstream(configs, steps)
     progress = start_progress("faceflow-sweep-progress", f"Configurations done, of {len(prepared)}")

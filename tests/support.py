@@ -205,6 +205,17 @@ def sub_flow_runs(api_url: str, parent: UUID) -> list:
         return prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
 
 
+def flow_run_story(api_url: str, flow_run_id: UUID, lines: int = 40) -> str:
+    """A flow run's state and the last ``lines`` of its logs, for a failure message."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with client(api_url) as prefect:
+        state = prefect.read_flow_run(flow_run_id).state
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    told = "\n".join(f"  {log.timestamp:%H:%M:%S} {log.message[:2000]}" for log in sorted(logs, key=lambda log: log.timestamp)[-lines:])
+    return f"state {state.name if state else None}: {state.message if state else ''}\n{told}"
+
+
 def client(api_url: str) -> SyncPrefectClient:
     """A synchronous Prefect client for the server at ``api_url``."""
     from prefect.client.orchestration import get_client

@@ -324,7 +324,7 @@ def test_deployment_forms_read_and_write_only_inside_their_folders(tmp_path: Pat
     elsewhere, each refused naming the field and the folder, the store unchanged; a path in the inbox is read."""
     import shutil
 
-    from support import RunningUI, assert_no_process_left, client, run_deployment, wait_for_state
+    from support import RunningUI, assert_no_process_left, client, flow_run_story, light_config, run_deployment, wait_for_state
 
     inbox, outputs, faces = tmp_path / "inbox", tmp_path / "outputs", tmp_path / "faces"
     outside = _people(tmp_path / "outside")
@@ -338,6 +338,8 @@ def test_deployment_forms_read_and_write_only_inside_their_folders(tmp_path: Pat
                                                  f"(a symlink to {outside}) is outside {inbox}"),
         "output_dir outside the outputs folder": ("on-demand", "faceflow", {"config": {"output_dir": str(tmp_path / "elsewhere")}},
                                                   f"output_dir {str(tmp_path / 'elsewhere')!r} is outside {outputs}"),
+        "a relative output_dir climbing out": ("on-demand", "faceflow", {"config": {"output_dir": "../elsewhere"}},
+                                               f"output_dir {str(outputs / '../elsewhere')!r} is outside {outputs}"),
         "a data file outside the inbox": ("on-demand", "faceflow", {"config": {"data": {"data_file": str(copied)}, "output_dir": str(outputs)}},
                                           f"data.data_file {str(copied)!r} is outside {inbox}"),
     }
@@ -356,6 +358,10 @@ def test_deployment_forms_read_and_write_only_inside_their_folders(tmp_path: Pat
         read = run_deployment(ui.api_url, "ingest", {"path": "people"}, flow="faceflow-ingest")  # relative: in the inbox
         assert wait_for_state(ui.api_url, read, {"Completed"}, timeout=300) == "Completed"
         assert any(faces.rglob("*.npy"))
+        # The form's default output_dir is FACEFLOW_OUTPUTS_DIR itself, wherever the worker's working directory is.
+        default = run_deployment(ui.api_url, "on-demand", {"config": light_config({"train": {"epochs": 1}})}, flow="faceflow")
+        assert wait_for_state(ui.api_url, default, {"Completed"}, timeout=300) == "Completed", flow_run_story(ui.api_url, default)
+        assert [folder.parent for folder in outputs.glob("run-*")] == [outputs]
     finally:
         ui.ctrl_c()
     assert_no_process_left(tag)
