@@ -51,6 +51,21 @@ def _one_compute_thread():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _events_sent_to_this_tests_server():
+    """After each test, the logs and events Prefect holds in this process are sent and its senders stopped.
+
+    Prefect keeps one events sender per process for any running server, bound to the API URL it first
+    saw: without this, a test after one whose server has stopped would send its events to that dead
+    server (a rollback's event never arrived, 2026-12-06). Draining here, while a module's server still
+    runs, sends them where they belong; the next test's first event starts a sender for its own server.
+    """
+    yield
+    from commands.runner import flush_to_api
+
+    flush_to_api()  # nothing to send and no sender: returns at once
+
+
 # Modules by their measured time, longest first (pytest --durations=0 on a loaded 2-core machine). With
 # pytest-xdist (`make test` runs `-n 3 --dist loadscope --no-loadscope-reorder`) each module runs whole on
 # one worker, in this order, so the longest start first and the short ones fill in behind them; modules not
