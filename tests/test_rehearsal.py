@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from services import Cluster, RedisServer, dask_tls_arguments, dask_tls_env, make_tls_files
@@ -32,7 +31,7 @@ from support import (
     wait_for_text, write_png,
 )
 from test_security_services import _client_context, _scheduler_answers, request
-from test_ui import wait_for_triggered_run
+from ui_runs import wait_for_triggered_run
 
 FIGURES_VARIABLE = "FACEFLOW_REHEARSAL_FIGURES"
 EPOCHS_VARIABLE = "FACEFLOW_REHEARSAL_EPOCHS"
