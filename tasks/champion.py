@@ -174,8 +174,8 @@ def pause_point(name: str) -> None:
     reached.write_text(str(os.getpid()))
     while not go.exists():  # a test's own hook: it polls a file the test writes
         time.sleep(0.05)
+    reached.unlink(missing_ok=True)  # first: once the test sees its go taken, this pause's reached is gone
     go.unlink()
-    reached.unlink(missing_ok=True)
 
 
 def now_utc() -> str:

@@ -101,9 +101,13 @@ def reached(pauses: Path, name: str, process: subprocess.Popen) -> bool:
 
 
 def release(pauses: Path, name: str, process: subprocess.Popen) -> None:
-    """Let ``process`` go on from pause ``name``, and wait until it has (so the pause can be counted again)."""
-    (pauses / f"{name}.{process.pid}.go").touch()
-    wait_until(lambda: not reached(pauses, name, process) or process.poll() is not None, f"{process.pid} to go on from {name}")
+    """Let ``process`` go on from pause ``name``, and wait until it has taken the go (so the pause can be counted again).
+
+    The process removes its "reached" before the "go": a "reached" seen after that is its next arrival.
+    """
+    go = pauses / f"{name}.{process.pid}.go"
+    go.touch()
+    wait_until(lambda: not go.exists() or process.poll() is not None, f"{process.pid} to go on from {name}")
 
 
 def waiting_on_lock(process: subprocess.Popen, lock_file: Path) -> bool:
@@ -283,6 +287,41 @@ def test_a_retraining_whose_champion_moved_is_judged_again_never_promoted_unjudg
     assert [(r["seed"], r["promoted"]) for r in rows] == [(first["challenger"]["seed"], True),
                                                           (row["seed"], second["promoted"])]
     assert first["challenger"]["seed"] != row["seed"]
+
+
+def test_a_challenger_whose_champion_changes_at_every_judging_is_recorded_superseded(
+    tmp_path: Path, server, alias, data_file: Path
+) -> None:
+    """Another promotion lands between each of the JUDGINGS judgings and its swap: never promoted, its row says why."""
+    import dataclasses
+
+    from flows.retrain import JUDGINGS
+    from tasks.data import open_faces
+    from tasks.store import FaceStore
+
+    models, store_root, pauses = tmp_path / "models", tmp_path / "faces", tmp_path / "pauses"
+    first = open_faces(data_file, "latest", store_root)
+    # Champions fitted on the first version hold a person since forgotten: stale, so each is replaced
+    # unscored (no model needed in the planted folders) and the challenger wants to promote every time.
+    FaceStore(store_root).forget(first.people[-1])
+    env = pausing_env(server, pauses, "judged", FACEFLOW_MODELS_DIR=str(models), FACEFLOW_FACES_DIR=str(store_root),
+                      FACEFLOW_DATA_FILE=str(data_file))
+    retrain = spawn(faceflow("retrain", *LIGHT, "--output-dir", str(tmp_path / "outputs"), "--json"), env,
+                    tmp_path / "retrain.log", cwd=tmp_path)
+    planted = []
+    for judging in range(1, JUDGINGS + 1):
+        wait_until(lambda: reached(pauses, "judged", retrain), f"the retraining's judging {judging}", retrain)
+        folder = run_folder(tmp_path, f"planted-{judging}")
+        done = promote(folder, dataclasses.replace(record(folder, judging, -float(judging)), faces_version=first.version),
+                       row(folder, judging), models, alias, judged_against=current_folder(models))
+        planted.append(done.folder.name)
+        release(pauses, "judged", retrain)
+    result = finished(retrain)
+    reason = f"superseded: the champion changed {JUDGINGS} times while this challenger was judged; not promoted"
+    assert not result["promoted"] and result["reason"] == reason, result
+    assert current_folder(models) == planted[-1]
+    last = leaderboard(models)[-1]
+    assert (last["seed"], last["promoted"], last["why"]) == (result["challenger"]["seed"], False, reason)
 
 
 # -- one read, one champion ---------------------------------------------------------------------------------------
