@@ -3,10 +3,11 @@
 Anyone who can fill in a deployment's form in the UI chooses what a worker reads and where it
 writes, with the worker's rights: the ingest deployment reads only under FACEFLOW_INBOX_DIR, a
 form's ``data.data_file`` is FACEFLOW_DATA_FILE or a file in the inbox, and its ``output_dir``
-lies under FACEFLOW_OUTPUTS_DIR. A path is resolved with its symlinks before it is compared, so
-a link that leads out of the folder is refused too. A relative ``output_dir`` is taken inside
-FACEFLOW_OUTPUTS_DIR, and the form's default is that folder itself, so scheduled runs of a
-machine whose outputs live elsewhere are not refused.
+(the forget deployment's ``output_dirs``) lies under FACEFLOW_OUTPUTS_DIR. A path is resolved
+with its symlinks before it is compared, so a link that leads out of the folder is refused too.
+A relative output folder is taken inside FACEFLOW_OUTPUTS_DIR, and the forms' default
+(``outputs``) is that folder itself, so a machine whose outputs live elsewhere still runs its
+schedules.
 
 The CLI is not confined: `faceflow ingest ~/photos` reads what its user can read already. A
 flow run is confined when a deployment started it (``prefect.runtime.deployment.id``), which a
@@ -74,12 +75,23 @@ def confine_forms(configs: Iterable[FaceflowConfig]) -> list[FaceflowConfig]:
     return [_confined_form(config) for config in configs]
 
 
-def _confined_form(config: FaceflowConfig) -> FaceflowConfig:
+def confine_output_dirs(paths: Iterable[Path], field: str) -> list[Path]:
+    """Output folders a form names (the forget deployment's ``output_dirs``): from a deployment, each taken
+    inside FACEFLOW_OUTPUTS_DIR as a config's ``output_dir`` is; anywhere else, as given."""
+    paths = [Path(path) for path in paths]
+    if not from_deployment():
+        return paths
+    return [_output_dir(path, field) for path in paths]
+
+
+def _output_dir(path: Path, field: str) -> Path:
     folder = outputs_dir()
-    output_dir = Path(config.output_dir).expanduser()
-    if output_dir == DEFAULT_OUTPUT_DIR:
-        output_dir = folder
-    output_dir = confined(output_dir, folder, "output_dir", OUTPUTS_DIR_VARIABLE, relative_to=folder)
+    path = Path(path).expanduser()
+    return confined(folder if path == DEFAULT_OUTPUT_DIR else path, folder, field, OUTPUTS_DIR_VARIABLE, relative_to=folder)
+
+
+def _confined_form(config: FaceflowConfig) -> FaceflowConfig:
+    output_dir = _output_dir(config.output_dir, "output_dir")
     data_file = config.data.data_file
     allowed = data_file_from_environment()
     if data_file is not None and not (allowed is not None and Path(data_file).resolve() == allowed.resolve()):

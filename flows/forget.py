@@ -26,6 +26,7 @@ from pydantic import Field
 
 from artifacts.publish import publish_markdown
 from faceflow.caching import cache_index, checkpoint_folder, lock_folder, version_tag
+from faceflow.confinement import confine_output_dirs
 from faceflow.settings import faces_dir, models_dir, result_storage
 from flows.ingest import announce_version, who_asked
 from tasks.forgetting import Found, Places, ServerSide, forget_person, scan
@@ -161,6 +162,7 @@ def faceflow_forget(
     output_dirs: Annotated[list[Path], Field(description="Folders of run folders to purge, besides those the leaderboard names.")] = [Path("outputs")],  # noqa: B006
 ) -> dict[str, Any]:
     """Write a faces version without ``person`` (announced, so retraining replaces a champion that saw them)."""
+    output_dirs = confine_output_dirs(output_dirs, "output_dirs")  # from a deployment: inside FACEFLOW_OUTPUTS_DIR
     done = forget_task(person, purge, output_dirs)
     version = done["version"]
     if version is not None:
@@ -176,4 +178,4 @@ def faceflow_forget_verify(
     output_dirs: Annotated[list[Path], Field(description="Folders of run folders to look in, besides those the leaderboard names.")] = [Path("outputs")],  # noqa: B006
 ) -> list[str]:
     """Every place that still holds the person's faces or something computed from them: empty after a purge."""
-    return verify_here(person, output_dirs, PrefectServer())
+    return verify_here(person, confine_output_dirs(output_dirs, "output_dirs"), PrefectServer())

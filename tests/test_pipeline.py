@@ -231,14 +231,15 @@ def test_parallel_steps_do_not_change_the_results(
 def test_two_threads_change_the_results_only_by_rounding(
     server: str, workdir: Path, data_file: Path, first_run: dict, tmp_path: Path
 ) -> None:
-    """BLAS sums in another order on 2 threads: the same run (one folder, one cache entry) to within 1e-5."""
+    """BLAS sums in another order on 2 threads: the same run (one folder, one cache entry) to within 1e-4."""
     again = faceflow_run(server, workdir, data_file, *QUICK, "--threads", "2", "--output-dir", str(tmp_path / "outputs"),
                          home=tmp_path / "home")
     assert set(again["tasks"].values()) == {"Completed"}
     assert Path(again["output_dir"]).name == Path(first_run["output_dir"]).name
     # Every figure (log p of every part, the baselines', new people's): the model's weights differ in
-    # their last digits, which Adam's first steps amplify, but not what they compute.
-    assert _without_timings(again["metrics"]) == pytest.approx(_without_timings(first_run["metrics"]), rel=1e-5, nan_ok=True)
+    # their last digits, which Adam's first steps amplify, but not what they compute. The samples' log p
+    # moves most (samples pass through the inverse flow): 1.2e-5 relative, seen once in CI.
+    assert _without_timings(again["metrics"]) == pytest.approx(_without_timings(first_run["metrics"]), rel=1e-4, nan_ok=True)
 
 
 def _remove(folder: Path, *names: str) -> None:

@@ -192,7 +192,9 @@ def test_faceflow_score_gives_log_p_of_your_faces(retrained: dict, tmp_path: Pat
     np.save(negative, 1.0 - faces.images[:6].reshape(6, -1))
     scored = [json.loads(_run("score", str(path), "--json", models=retrained["models"], cwd=tmp_path).stdout)
               for path in (real, negative)]
-    assert len(scored[0]["log_prob"]) == 6 and scored[0]["mean"] > scored[1]["mean"] + 50, scored
+    # The margin depends on the retraining's seed (it folds in the flow run id): 47.8 nats at its lowest
+    # seen (CI, 2026-12-06) for this light model; a scorer that ignored its input would give 0.
+    assert len(scored[0]["log_prob"]) == 6 and scored[0]["mean"] > scored[1]["mean"] + 20, scored
 
 
 def _save(path: Path, array: np.ndarray, allow_pickle: bool = False) -> Path:

@@ -340,6 +340,9 @@ def test_deployment_forms_read_and_write_only_inside_their_folders(tmp_path: Pat
                                                   f"output_dir {str(tmp_path / 'elsewhere')!r} is outside {outputs}"),
         "a relative output_dir climbing out": ("on-demand", "faceflow", {"config": {"output_dir": "../elsewhere"}},
                                                f"output_dir {str(outputs / '../elsewhere')!r} is outside {outputs}"),
+        "forget's output_dirs outside the outputs folder": ("forget", "faceflow-forget",
+                                                            {"person": "olivetti-00", "purge": True, "output_dirs": [str(tmp_path / "elsewhere")]},
+                                                            f"output_dirs {str(tmp_path / 'elsewhere')!r} is outside {outputs}"),
         "a data file outside the inbox": ("on-demand", "faceflow", {"config": {"data": {"data_file": str(copied)}, "output_dir": str(outputs)}},
                                           f"data.data_file {str(copied)!r} is outside {inbox}"),
     }
