@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before anything imports prefect: this session's database and result cache are its own (each pytest-xdist
@@ -121,6 +123,23 @@ def copy_home(template: Path, destination: Path) -> Path:
 
     shutil.copytree(template, destination)
     return destination
+
+
+@contextmanager
+def reporting_server(migrated_home: Path, root: Path) -> Iterator:
+    """A server on a copy of the migrated home under ``root``, which this process's flows report to until the
+    block ends; their last logs and events are sent before it stops."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from commands.runner import flush_to_api
+    from commands.server import local_server
+
+    with local_server(copy_home(migrated_home, root / "home"), timeout=300) as running, \
+            temporary_settings({PREFECT_API_URL: running.api_url}):
+        try:
+            yield running
+        finally:
+            flush_to_api()
 
 
 @pytest.fixture

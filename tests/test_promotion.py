@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from commands.server import local_server, stop_server
-from conftest import copy_home
+from conftest import copy_home, reporting_server
 from support import faceflow
 from tasks.champion import LEADERBOARD, PAUSE_AT_VARIABLE, PAUSE_VARIABLE, RECORD
 from tasks.registry import (
@@ -37,11 +37,7 @@ WAIT = 240.0  # seconds a step of a subprocess may take on a busy 2-core machine
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    root = tmp_path_factory.mktemp("promotion")
-    with local_server(copy_home(migrated_home, root / "home"), timeout=300) as running, \
-            temporary_settings({PREFECT_API_URL: running.api_url}):
+    with reporting_server(migrated_home, tmp_path_factory.mktemp("promotion")) as running:
         yield running
 
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from commands.runner import flush_to_api
-from commands.server import local_server
-from conftest import copy_home
+from conftest import reporting_server
 from support import faceflow
 from tasks.champion import CHAMPION_FILES, ChampionRecord, champion_path, read_champion
 from tasks.registry import FAULT_VARIABLE, JOURNAL, STEPS, UNCHECKED, champions, check, current_folder, leaderboard, promote
@@ -52,13 +50,8 @@ def install(folder: Path, seed: int, validation: float, models: Path, alias) -> 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, migrated_home: Path):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    root = tmp_path_factory.mktemp("registry")
-    with local_server(copy_home(migrated_home, root / "home"), timeout=300) as running, \
-            temporary_settings({PREFECT_API_URL: running.api_url}):
+    with reporting_server(migrated_home, tmp_path_factory.mktemp("registry")) as running:
         yield running
-        flush_to_api()  # the rollback flow's logs reach the server before it stops
 
 
 @pytest.fixture
