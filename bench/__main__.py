@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import flow_runs, quality, service, store, sweeps, training_speed
+from bench import ensemble_batching, flow_runs, quality, service, store, sweeps, training_speed
 from commands.signals import answer_ctrl_c_again
 from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
@@ -35,6 +35,11 @@ TARGETS = [
     # (figure, numerator, denominator, comparison, target)
     ("project steps/s (1 thread) / lab recipe steps/s", "project_steps_per_second", "lab_steps_per_second", ">=", 3.0),
     ("project steps/s / compute-floor steps/s (1 thread)", "project_steps_per_second", "floor_steps_per_second", ">=", 0.7),
+    ("default ensemble training / its longest member alone, members one after another (as trained)",
+     "ensemble_training_ratio_per_member", None, "<=", 1.4),
+    ("the same, members batched with torch.func.vmap (bench/ensemble_batching.py)",
+     "ensemble_training_ratio_batched", None, "<=", 1.4),
+    ("batched vs per-member: largest difference of log p or a gradient", "ensemble_batched_difference", None, "<=", 1e-5),
     ("cold flow wall / lab script wall", "cold_wall_seconds", "lab_wall_seconds", "<=", 0.85),
     ("first-use cold flow wall / lab script wall", "cold_first_use_wall_seconds", "lab_wall_seconds", "<=", 1.0),
     ("identical re-run / cold run", "identical_rerun_seconds", "cold_wall_seconds", "<=", 0.10),
@@ -100,7 +105,9 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 
 def _fmt(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.3f}"
+    return str(value)
 
 
 def main() -> None:
@@ -143,6 +150,9 @@ def flow_benchmarks(data_file: Path) -> dict[str, object]:
             speed[count] = training_speed.alternating_best(coords, SPEED_ROUNDS)
     # Batch-32 steps of these small networks run fastest on one thread; compare at that count.
     project, floor = speed[1]["project"], speed[1]["floor"]
+    print(f"default ensemble's training step, members one after another and batched, best of {ensemble_batching.ROUNDS} ...",
+          flush=True)
+    batching = ensemble_batching.ensemble_batching(coords)
     print(f"cold flow runs, first use (Prefect database created and migrated too), best of {REPEATS} ...", flush=True)
     cold_first_use = best_of([flow_runs.first_use_cold_run(data_file) for _ in range(REPEATS)])
     with tempfile.TemporaryDirectory(prefix="faceflow-bench-") as scratch:
@@ -168,6 +178,9 @@ def flow_benchmarks(data_file: Path) -> dict[str, object]:
         "floor_steps_per_second": floor["steps_per_second"],
         "project_steps_per_second_2_threads": speed[2]["project"]["steps_per_second"],
         "floor_steps_per_second_2_threads": speed[2]["floor"]["steps_per_second"],
+        "ensemble_training_ratio_per_member": batching["training_ratio"]["per_member"],
+        "ensemble_training_ratio_batched": batching["training_ratio"]["batched"],
+        "ensemble_batched_difference": max(batching["differences"]["log_prob"], batching["differences"]["gradient"]),
         "cold_wall_seconds": cold["wall_seconds"], "cold_peak_rss_gb": cold["peak_rss_bytes"] / 1e9,
         "cold_first_use_wall_seconds": cold_first_use["wall_seconds"],
         "cold_first_use_peak_rss_gb": cold_first_use["peak_rss_bytes"] / 1e9,
@@ -184,7 +197,7 @@ def flow_benchmarks(data_file: Path) -> dict[str, object]:
             sum(swept["dask"]["executions"][task].values()) for task in ("fetch_faces", "split_faces", "fit_pca", "build_dataloader")
         ),
     }
-    part = {"figures": figures, "targets": check_targets(figures), "lab": lab, "speed": speed,
+    part = {"figures": figures, "targets": check_targets(figures), "lab": lab, "speed": speed, "ensemble_batching": batching,
             "cold": cold, "cold_first_use": cold_first_use, "reruns": reruns,
             "rerun_process": rerun_process, "rerun_beside_ui": rerun_beside_ui, "orphan_check": orphans,
             "sweeps": swept}
