@@ -219,7 +219,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, data_file: Path, migrated_home:
 
 @pytest.fixture(scope="module")
 def deployment_runs(ui: RunningUI, tmp_path_factory: pytest.TempPathFactory, data_file: Path) -> dict[str, tuple]:
-    """Every case's deployment run, all created at once as the UI's Run button does: the worker runs them side by side.
+    """Each deployment case's run (DEPLOYMENT_CASES), all created at once as the UI's Run button does: the worker runs them side by side.
 
     Case -> (its folder, what the message must name, the flow run id or the server's refusal).
     One after another, each waited for the worker's next poll and a process of its own: 3 minutes.
@@ -227,7 +227,7 @@ def deployment_runs(ui: RunningUI, tmp_path_factory: pytest.TempPathFactory, dat
     from prefect.exceptions import PrefectHTTPStatusError
 
     runs = {}
-    for case in CASE_NAMES:
+    for case in DEPLOYMENT_CASES:
         folder = tmp_path_factory.mktemp("deployment-case")
         values, named = all_cases(folder, data_file)[case]
         try:
@@ -255,7 +255,25 @@ REFUSED_BY_THE_SCHEMA: dict[str, tuple[str, str]] = {
 }
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+# Through a deployment: every case the form's schema refuses (the server answers at once), and one case of
+# each route a refusal takes in the worker's run. Every one of those routes' cases goes through the flow
+# called with a parameter dict above; each case here costs a flow-run process of its own.
+WORKER_ROUTES = {
+    "truncated file": "a data file fetch_faces reads and refuses",
+    "unknown faces version": "a faces version fetch_faces looks up and refuses",
+    "unknown person as endpoint": "judged against the version fetch_faces read",
+    "missing file": "a data path the flow's validation refuses before any step",
+    "no image left for training": "settings the flow's validation refuses together",
+    "output path is a file": "an output folder the flow refuses before any step",
+}
+DEPLOYMENT_CASES = list(REFUSED_BY_THE_SCHEMA) + list(WORKER_ROUTES)
+
+
+def test_the_deployment_cases_are_cases_of_the_table() -> None:
+    assert set(DEPLOYMENT_CASES) <= set(CASE_NAMES) and not set(WORKER_ROUTES) & set(REFUSED_BY_THE_SCHEMA)
+
+
+@pytest.mark.parametrize("case", DEPLOYMENT_CASES)
 def test_a_deployment_run_refuses_the_same_input_before_any_work(case: str, deployment_runs: dict, ui: RunningUI) -> None:
     """As the UI's Run form sends it: the server refuses what the flow's schema forbids; the rest fails in the worker's run."""
     folder, named, created = deployment_runs[case]
