@@ -1,6 +1,7 @@
 """`make bench`: one run, one machine, every figure side by side; prints tables, writes JSON.
 
-`python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes);
+`python -m bench --only store` runs the face store's part alone (bench/store.py, about 10 minutes, and the purge);
+`python -m bench --only purge` forget --purge at 40,000 faces with 20 run folders (bench/purge.py);
 `python -m bench --only service` the several-machine rehearsal and concurrent promotions (bench/service.py, about 4);
 `python -m bench --only flows` the runs' speed, caching, sweeps and memory;
 `python -m bench --only quality` the model-quality protocol (bench/quality.py, about 12 minutes in 2 processes).
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import ensemble_batching, flow_runs, quality, service, store, sweeps, training_speed
+from bench import ensemble_batching, flow_runs, purge, quality, service, store, sweeps, training_speed
 from commands.signals import answer_ctrl_c_again
 from faceflow.settings import data_file_from_environment
 from faceflow.threads import limited_threads
@@ -114,10 +115,11 @@ def main() -> None:
     answer_ctrl_c_again()  # the bench ends runs and `faceflow ui` with SIGINT, as a terminal's Ctrl-C would
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-quality", action="store_true", help="Only speed, caching and memory.")
-    parser.add_argument("--only", choices=["flows", "quality", "store", "service"],
+    parser.add_argument("--only", choices=["flows", "quality", "store", "purge", "service"],
                         help="Only one part: flows = speed, caching, sweeps and memory of runs (no quality tables); "
                              "quality = the model-quality protocol (about 15 minutes); "
-                             "store = the face store's ingest speed, growth, memory and event latency; "
+                             "store = the face store's ingest speed, growth, memory and event latency, and the purge; "
+                             "purge = forget --purge at 40,000 faces and 20 run folders alone; "
                              "service = the several-machine rehearsal and concurrent promotions.")
     arguments = parser.parse_args()
     data_file = data_file_from_environment() or Path(__file__).resolve().parents[2] / "shared/data/olivettifaces.mat"
@@ -129,6 +131,8 @@ def main() -> None:
         report |= quality_benchmarks(data_file)
     if arguments.only in (None, "store"):
         report |= store_benchmarks(data_file)
+    if arguments.only in (None, "store", "purge"):
+        report |= purge_benchmark(data_file)
     if arguments.only in (None, "service"):
         report |= service_benchmarks()
 
@@ -221,6 +225,25 @@ def quality_benchmarks(data_file: Path) -> dict[str, object]:
     print_table("component count chosen on the tuning splits", part["chosen_components"])
     print_table("quality targets", part["quality_targets"])
     return part
+
+
+def purge_benchmark(data_file: Path) -> dict[str, object]:
+    """`faceflow forget --purge` at 40,000 faces with 20 run folders, then `--verify` (bench/purge.py)."""
+    print(f"purge: a store of 40,000 faces, {purge.RUN_FOLDERS} runs, then forget {purge.PERSON} --purge ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="faceflow-bench-purge-") as scratch:
+        migrated = Path(scratch) / "migrated-prefect-home"
+        flow_runs.prepare_database(migrated)
+        timing = purge.purge_timing(Path(scratch), data_file, migrated)
+    targets = [
+        {"figure": f"forget --purge at 40,000 faces, {timing['run_folders_before']} run folders (s)", "value": timing["seconds"],
+         "target": f"<= {purge.PURGE_TARGET_SECONDS:g}", "met": timing["seconds"] <= purge.PURGE_TARGET_SECONDS},
+        {"figure": "places forget --verify finds after the purge (exit status)", "value": timing["verify_exit_code"],
+         "target": "<= 0", "met": timing["verify_exit_code"] == 0},
+    ]
+    print_table("purge: what was deleted", [{"kind": kind, "deleted": len(value) if isinstance(value, list) else value}
+                                            for kind, value in timing["purged"].items()])
+    print_table("purge targets", targets)
+    return {"purge": timing, "purge_targets": targets}
 
 
 def store_benchmarks(data_file: Path) -> dict[str, object]:
